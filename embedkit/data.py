@@ -1,0 +1,182 @@
+"""Clustering data: labelled texts from a folder of JSONL files, or the embedded stdlib demo set.
+
+Every loader returns a list of ``ClusteringSet``; the evaluator turns each into an MTEB task.
+Problems in the data stop the run before any model work, with the file and line in the message.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import logging
+import random
+import re
+import sys
+import sysconfig
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedkit.errors import EmbedkitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusteringSet:
+    """One clustering task: texts with gold labels (k = number of distinct labels)."""
+
+    name: str
+    texts: list[str]
+    labels: list[str]
+    source: str = ""
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise EmbedkitError(f"{self.name}: {len(self.texts)} texts but {len(self.labels)} labels")
+        n_labels = len(set(self.labels))
+        if n_labels < 2:
+            raise EmbedkitError(
+                f"{self.source or self.name}: {len(self.texts)} rows but {n_labels} distinct label(s); "
+                "clustering needs at least 2 labels"
+            )
+
+    @property
+    def n_labels(self) -> int:
+        return len(set(self.labels))
+
+    def subsample(self, max_rows: int | None, seed: int) -> "ClusteringSet":
+        """A seeded random subset of ``max_rows`` rows, kept in file order."""
+        if max_rows is None or max_rows >= len(self.texts):
+            return self
+        keep = sorted(random.Random(seed).sample(range(len(self.texts)), max_rows))
+        return ClusteringSet(self.name, [self.texts[i] for i in keep], [self.labels[i] for i in keep],
+                             self.source, {**self.notes, "subsample": f"{max_rows} rows, seed {seed}"})
+
+
+def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label",
+               empty_text: str = "error") -> tuple[list[str], list[str], dict]:
+    """Read texts and labels; raise ``EmbedkitError`` naming the line for anything malformed."""
+    if empty_text not in ("error", "skip"):
+        raise EmbedkitError(f"data.empty_text must be 'error' or 'skip', got {empty_text!r}")
+    texts, labels, skipped = [], [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be "
+                                        'one object like {"text": "...", "label": "..."}') from None
+                if not isinstance(row, dict):
+                    raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                for key in (text_field, label_field):
+                    if key not in row or row[key] is None:
+                        raise EmbedkitError(
+                            f"{path}:{lineno}: missing field '{key}' (keys: {', '.join(row) or 'none'}); "
+                            f"set data.text_field / data.label_field if your file names them differently")
+                text = row[text_field]
+                if not isinstance(text, str):
+                    raise EmbedkitError(f"{path}:{lineno}: '{text_field}' must be a string, got "
+                                        f"{type(text).__name__}")
+                if not text.strip():
+                    if empty_text == "error":
+                        raise EmbedkitError(f"{path}:{lineno}: empty '{text_field}'; remove the row or set "
+                                            "data.empty_text=skip to drop empty texts")
+                    skipped.append(lineno)
+                    continue
+                texts.append(text)
+                labels.append(str(row[label_field]))
+    except UnicodeDecodeError as e:
+        line = 1 + Path(path).read_bytes()[: e.start].count(b"\n")
+        raise EmbedkitError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    if skipped:
+        log.warning("%s: skipped %d empty texts (lines %s%s)", path, len(skipped),
+                    ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")
+    return texts, labels, {"skipped_empty": len(skipped)}
+
+
+def load_jsonl_folder(root: str, include: list[str] | str = ("**/*.jsonl",), text_field: str = "text",
+                      label_field: str = "label", empty_text: str = "error", max_rows: int | None = None,
+                      seed: int = 0) -> list[ClusteringSet]:
+    """One clustering task per JSONL file under ``root`` matching ``include`` (globs)."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise EmbedkitError(f"data.root={root!r} is not a folder; point it at a folder of .jsonl files")
+    patterns = [include] if isinstance(include, str) else list(include)
+    files = sorted({p for pat in patterns for p in base.glob(pat) if p.is_file()})
+    if not files:
+        raise EmbedkitError(f"no JSONL files under {base} match {patterns}; each task is one .jsonl file "
+                            'with lines like {"text": "...", "label": "..."}')
+    sets = []
+    for path in files:
+        texts, labels, notes = read_jsonl(path, text_field, label_field, empty_text)
+        name = path.relative_to(base).with_suffix("").as_posix()
+        sets.append(ClusteringSet(name, texts, labels, str(path), notes).subsample(max_rows, seed))
+    return sets
+
+
+# --- the embedded demo set -------------------------------------------------------------------------
+
+_SKIP_TOP = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "pydoc_data", "site-packages",
+             "this", "antigravity", "__phello__",
+             "encodings"}  # encodings: generated codec modules with near-identical docstrings
+
+
+def _first_sentence(doc: str) -> str:
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    return m.group(1) if m else para
+
+
+def stdlib_docstrings(min_per_label: int = 25, max_per_label: int = 30, max_chars: int = 1500, seed: int = 0,
+                      tasks: tuple[str, ...] = ("s2s", "p2p")) -> list[ClusteringSet]:
+    """Docstrings of this Python's standard library as clustering tasks (label = top-level module).
+
+    Source files are parsed with ``ast``; nothing is imported or executed. ``s2s`` uses the first
+    sentence of each docstring, ``p2p`` the whole docstring (cut at ``max_chars``). Private names and
+    one-line docstrings shorter than four words are skipped. Deterministic for a Python version.
+    """
+    unknown = set(tasks) - {"s2s", "p2p"}
+    if unknown:
+        raise EmbedkitError(f"data.tasks: unknown {sorted(unknown)}; choose from s2s, p2p")
+    chosen = _stdlib_sample(min_per_label, max_per_label, seed)
+    builders = {"s2s": _first_sentence, "p2p": lambda d: " ".join(d.split())[:max_chars]}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return [ClusteringSet(f"stdlib-{t}", [builders[t](d) for _, d in chosen], [lab for lab, _ in chosen],
+                          f"{version} standard library docstrings")
+            for t in tasks]
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_sample(min_per_label: int, max_per_label: int, seed: int) -> list[tuple[str, str]]:
+    """(label, docstring) pairs; parsing the stdlib takes seconds, so a sweep does it once."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        top = rel.parts[0].removesuffix(".py")
+        if top.startswith("_") or top in _SKIP_TOP or any(p in ("test", "tests") for p in rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                          and not n.name.startswith("_")]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc.split()) >= 4:
+                docs[top].append(doc)
+    rng = random.Random(seed)
+    chosen = []
+    for top in sorted(docs):
+        unique = list(dict.fromkeys(docs[top]))
+        if len(unique) >= min_per_label:
+            chosen += [(top, d) for d in sorted(rng.sample(unique, min(max_per_label, len(unique))))]
+    return chosen

@@ -1,0 +1,144 @@
+"""The encoder: texts -> pooled embeddings, all pooling modes from one forward pass.
+
+Texts are de-duplicated, tokenized once (see ``prompts.tokenize``), sorted by length and grouped into
+batches under a token budget, run through the base model (last hidden state only, SDPA, explicit
+position ids so left padding changes nothing), pooled in every mode, and restored to input order.
+Results are cached on disk per (model, adapter, dtype, prompt, max_length, texts), so the jobs of a
+pooling sweep after the first one do no model work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from embedkit.io import atomic_write
+from embedkit.models import Backbone
+from embedkit.pooling import BASE_MODES, Pooling, pool_all
+from embedkit.prompts import Prompt, Tokenized, tokenize
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first; a batch holds at most ``batch_size`` rows and, padded,
+    at most ``max_tokens`` tokens (a single longer row still gets its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Encoder:
+    """Embeds texts with a backbone and a prompt; ``encode_all`` returns every pooling mode."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompt: Prompt,
+        max_length: int = 512,
+        batch_size: int = 32,
+        max_tokens: int = 16384,
+        cache_dir: str | os.PathLike | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.prompt = prompt
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.show_progress = show_progress
+        self.forward_calls = 0  # model forward passes run by this encoder (tests and reports read it)
+        self.texts_encoded = 0
+        self.cache_hits = 0
+        base = getattr(backbone.model, "get_base_model", lambda: backbone.model)()
+        self._takes_position_ids = "position_ids" in inspect.signature(base.forward).parameters
+
+    def cache_key(self, texts: list[str]) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([CACHE_VERSION, self.backbone.fingerprint, self.prompt.template,
+                             self.max_length]).encode())
+        for t in texts:
+            h.update(hashlib.sha256(t.encode()).digest())
+        return h.hexdigest()
+
+    def tokenize(self, texts: list[str]) -> list[Tokenized]:
+        return tokenize(self.backbone.tokenizer, self.prompt, texts, self.max_length, append_eos=True)
+
+    def encode(self, texts: list[str], pooling: Pooling) -> np.ndarray:
+        return pooling.select(self.encode_all(texts))
+
+    def encode_all(self, texts: list[str], desc: str = "encoding") -> dict[str, np.ndarray]:
+        """Float32 embeddings [len(texts), D] for every base pooling mode, in input order."""
+        texts = list(texts)
+        path = None
+        if self.cache_dir is not None:
+            key = self.cache_key(texts)
+            path = self.cache_dir / key[:2] / f"{key}.npz"
+            if path.exists():
+                with np.load(path) as z:
+                    self.cache_hits += 1
+                    log.info("%s: %d texts from the embedding cache", desc, len(texts))
+                    return {m: z[m] for m in BASE_MODES}
+        unique = list(dict.fromkeys(texts))
+        pooled = self._encode_unique(unique, desc)
+        index = {t: i for i, t in enumerate(unique)}
+        rows = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
+        out = {m: v[rows] for m, v in pooled.items()}
+        if path is not None:
+            with atomic_write(path, "wb") as f:
+                np.savez(f, **out)
+        return out
+
+    @torch.inference_mode()
+    def _encode_unique(self, texts: list[str], desc: str) -> dict[str, np.ndarray]:
+        tok = self.backbone.tokenizer
+        items = self.tokenize(texts)
+        n_trunc = sum(t.truncated for t in items)
+        if n_trunc:
+            log.info("%s: %d of %d texts cut to %d tokens", desc, n_trunc, len(items), self.max_length)
+        lengths = [len(t.ids) for t in items]
+        batches = length_batches(lengths, self.batch_size, self.max_tokens)
+        model, device = self.backbone.model, self.backbone.device
+        dim = model.config.hidden_size
+        result = {m: np.empty((len(texts), dim), dtype=np.float32) for m in BASE_MODES}
+        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not self.show_progress,
+                   dynamic_ncols=True)
+        for batch in batches:
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                seq = items[i].ids
+                ids[r, width - len(seq):] = torch.tensor(seq)
+                mask[r, width - len(seq):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            if self._takes_position_ids:
+                kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+            hidden = model(**kwargs).last_hidden_state
+            self.forward_calls += 1
+            for mode, vec in pool_all(hidden, mask).items():
+                result[mode][batch] = vec.cpu().numpy()
+            bar.update(len(batch))
+        bar.close()
+        self.texts_encoded += len(texts)
+        return result

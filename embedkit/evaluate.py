@@ -1,0 +1,125 @@
+"""Evaluation through mteb 2.x: local clustering sets become mteb tasks, the encoder an mteb model.
+
+``legacy`` scoring is mteb's ``AbsTaskClusteringLegacy`` (the classic MTEB(eng, v1) clustering
+evaluator: mini-batch k-means with k = number of labels on all documents, V-measure), which is what the
+paper's numbers are comparable with. ``v2`` is ``AbsTaskClustering`` with every document embedded
+(mteb's default embeds only 4%). The evaluator name is recorded in every result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+
+from embedkit.data import ClusteringSet
+from embedkit.encoder import Encoder
+from embedkit.errors import EmbedkitError
+from embedkit.pooling import Pooling
+
+log = logging.getLogger(__name__)
+
+EVALUATORS = ("legacy", "v2")
+
+
+def _mteb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mteb
+    return mteb
+
+
+def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
+    """An mteb clustering task holding ``cs`` as its test split (no download)."""
+    mteb = _mteb()
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks import AbsTaskClustering, AbsTaskClusteringLegacy
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    digest = hashlib.sha256("\n".join(f"{t}\t{l}" for t, l in zip(cs.texts, cs.labels)).encode()).hexdigest()
+    label_ids = {lab: i for i, lab in enumerate(sorted(set(cs.labels)))}
+    labels = [label_ids[lab] for lab in cs.labels]
+    if evaluator == "legacy":
+        base, rows = AbsTaskClusteringLegacy, {"sentences": [cs.texts], "labels": [labels]}
+    else:
+        base, rows = AbsTaskClustering, {"sentences": cs.texts, "labels": labels}
+    metadata = TaskMetadata(
+        name=cs.name, description=f"Local clustering set {cs.name} ({cs.source})",
+        dataset={"path": cs.source or cs.name, "revision": digest[:12]}, type="Clustering", category="t2c",
+        modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"], main_score="v_measure",
+        reference=None, date=None, domains=None, task_subtypes=None, license=None, annotations_creators=None,
+        dialect=None, sample_creation=None, bibtex_citation="",
+    )
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        self.dataset = DatasetDict({"test": Dataset.from_dict(rows)})
+        self.data_loaded = True
+
+    attrs = {"metadata": metadata, "load_data": load_data}
+    if evaluator == "v2":
+        attrs.update(max_fraction_of_documents_to_embed=None, max_documents_per_cluster=len(cs.texts))
+    task_cls = type(f"Local_{digest[:8]}", (base,), attrs)
+    return task_cls(seed=seed)
+
+
+def mteb_model(encoder: Encoder, pooling: Pooling):
+    """Wrap ``encoder`` + ``pooling`` as an mteb encoder with real metadata (name, revision)."""
+    _mteb()
+    from mteb.models import ModelMeta
+    from mteb.models.abs_encoder import AbsEncoder
+
+    class EmbedkitModel(AbsEncoder):
+        def __init__(self) -> None:
+            self.model = encoder
+            bb = encoder.backbone
+            ident = f"{encoder.backbone.fingerprint}-{encoder.prompt.template}-{pooling}-{encoder.max_length}"
+            self.mteb_model_meta = ModelMeta(
+                loader=None, name=f"embedkit/{bb.name}__{encoder.prompt.name}__{pooling.name}",
+                revision=hashlib.sha256(ident.encode()).hexdigest()[:12], release_date=None,
+                languages=None, n_parameters=sum(p.numel() for p in bb.model.parameters()),
+                memory_usage_mb=None, max_tokens=encoder.max_length, embed_dim=None, license=None,
+                open_weights=True, public_training_code=None, public_training_data=None,
+                framework=["PyTorch"], similarity_fn_name="cosine", use_instructions=False,
+                training_datasets=None,
+            )
+
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+            texts = [t for batch in inputs for t in batch["text"]]
+            return encoder.encode(texts, pooling)
+
+    return EmbedkitModel()
+
+
+class ClusteringEvaluator:
+    """Scores an encoder + pooling on clustering sets: task name -> V-measure in [0, 1]."""
+
+    def __init__(self, evaluator: str = "legacy", n_seeds: int = 1) -> None:
+        if evaluator not in EVALUATORS:
+            raise EmbedkitError(f"eval.evaluator={evaluator!r}; choose one of {', '.join(EVALUATORS)}")
+        if n_seeds < 1:
+            raise EmbedkitError(f"eval.n_seeds must be >= 1, got {n_seeds}")
+        self.evaluator = evaluator
+        self.n_seeds = n_seeds
+
+    def describe(self) -> dict:
+        return {"evaluator": self.evaluator, "n_seeds": self.n_seeds,
+                "kmeans_seeds": list(range(42, 42 + self.n_seeds))}
+
+    def evaluate(self, encoder: Encoder, pooling: Pooling, sets: list[ClusteringSet]) -> dict[str, float]:
+        mteb = _mteb()
+        model = mteb_model(encoder, pooling)
+        scores = {}
+        for cs in sets:
+            runs = []
+            for seed in range(42, 42 + self.n_seeds):  # 42 is mteb's default seed
+                result = mteb.evaluate(model, mteb_task(cs, self.evaluator, seed), cache=None,
+                                       overwrite_strategy="always", show_progress_bar=False,
+                                       encode_kwargs={"batch_size": encoder.batch_size})
+                runs.append(float(result.task_results[0].scores["test"][0]["main_score"]))
+            scores[cs.name] = float(np.mean(runs))
+            log.info("%s: V-measure %.4f (%d texts, %d labels)", cs.name, scores[cs.name], len(cs.texts),
+                     cs.n_labels)
+        return scores

