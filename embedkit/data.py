@@ -133,7 +133,7 @@ def _first_sentence(doc: str) -> str:
     return m.group(1) if m else para
 
 
-def stdlib_docstrings(min_per_label: int = 25, max_per_label: int = 30, max_chars: int = 1500, seed: int = 0,
+def stdlib_docstrings(min_per_label: int = 40, max_per_label: int = 25, max_chars: int = 1500, seed: int = 0,
                       tasks: tuple[str, ...] = ("s2s", "p2p")) -> list[ClusteringSet]:
     """Docstrings of this Python's standard library as clustering tasks (label = top-level module).
 

@@ -1,0 +1,104 @@
+"""The `embedkit` command end to end, as a user runs it (subprocess, real model, real data)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from embedkit.data import load_jsonl_folder
+
+SUBSET = ["data=jsonl", "data.include=[twentynewsgroups/test.jsonl]", "data.max_rows=400", "logger=csv"]
+
+
+def tfidf_v_measure(texts, labels, seeds=(0, 1, 2)):
+    """The lexical sanity baseline of ../shared/data/README.md, on the same rows."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics import v_measure_score
+    from sklearn.preprocessing import normalize
+
+    x = TfidfVectorizer(sublinear_tf=True, min_df=2, stop_words="english").fit_transform(texts)
+    x = normalize(TruncatedSVD(min(100, x.shape[1] - 1), random_state=0).fit_transform(x))
+    k = len(set(labels))
+    return float(np.mean([v_measure_score(labels, MiniBatchKMeans(k, batch_size=500, n_init="auto",
+                                                                   random_state=s).fit_predict(x))
+                          for s in seeds]))
+
+
+def test_single_run_beats_tfidf_and_writes_results(tmp_path, clustering_root):
+    r = run_cli(*SUBSET, f"data.root={clustering_root}", "prompt=eol", "pooling=last", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = (tmp_path / "outputs" / "runs").glob("*/results.json")
+    res = json.loads(path.read_text())
+    subset = load_jsonl_folder(str(clustering_root), include=["twentynewsgroups/test.jsonl"], max_rows=400)[0]
+    baseline = tfidf_v_measure(subset.texts, subset.labels)
+    score = res["scores"]["twentynewsgroups/test"]
+    assert 0 <= score <= 1 and score > baseline + 0.05, (score, baseline)
+    assert res["mean"] == pytest.approx(score)
+    assert (res["model"], res["prompt"], res["pooling"]) == ("smollm2-135m", "eol", "last")
+    assert res["config"]["prompt"]["template"] == 'This sentence: "{text}" means in one word:'
+    assert res["tasks"]["twentynewsgroups/test"] == {**res["tasks"]["twentynewsgroups/test"], "n_texts": 400,
+                                                     "n_labels": 20}
+    assert res["eval"]["evaluator"] == "legacy" and res["timings"]["total_s"] > 0
+    assert res["versions"]["torch"] and res["seed"] == 0
+    assert (tmp_path / "outputs" / "runs.csv").read_text().count("\n") == 2  # header + this run
+
+
+def test_sweep_writes_one_result_per_job_and_reuses_the_encode(tmp_path, clustering_root):
+    sweep = tmp_path / "sweep"
+    r = run_cli("-m", *SUBSET, f"data.root={clustering_root}", "data.max_rows=150", "prompt=none,eol",
+                "pooling=mean,last,eos", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(results) == 6
+    assert {(x["prompt"], x["pooling"]) for x in results} == {(p, q) for p in ("none", "eol")
+                                                              for q in ("mean", "last", "eos")}
+    # per prompt, only the first pooling job runs the model; the others read the embedding cache
+    for prompt in ("none", "eol"):
+        calls = [x["encode"]["forward_calls"] for x in results if x["prompt"] == prompt]
+        assert sorted(calls)[:2] == [0, 0] and max(calls) > 0
+    from embedkit.report import main as report_main
+
+    report_main([str(sweep)])
+    md = (sweep / "report.md").read_text()
+    assert "| none |" in md and "| eol |" in md and "eos" in md
+    assert (sweep / "report.csv").read_text().count("\n") == 7 and (sweep / "report.png").stat().st_size > 0
+
+
+def test_wandb_offline_run_is_logged(tmp_path, clustering_root):
+    r = run_cli("data=jsonl", "data.include=[arxiv/s2s.jsonl]", "data.max_rows=100",
+                f"data.root={clustering_root}", "logger=wandb", "pooling=mean", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*")
+    offline = list(run_dir.glob("wandb/offline-run-*/*.wandb"))
+    assert offline, list(run_dir.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pooling=meen"], "Could not find 'pooling/meen'"),
+        (["prompt=none", "prompt.template=no placeholder here"], "must contain '{text}' exactly once"),
+        (["data=jsonl", "data.root=EMPTY"], "no JSONL files under"),
+        (["data=jsonl", "data.root=BADLINE"], "bad.jsonl:2: not valid JSON"),
+        (["data=jsonl", "data.root=ONELABEL"], "1 distinct label(s)"),
+        (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    ],
+)
+def test_bad_input_stops_before_model_work_with_one_message(tmp_path, overrides, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "BADLINE").mkdir()
+    (tmp_path / "BADLINE" / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{oops\n')
+    (tmp_path / "ONELABEL").mkdir()
+    (tmp_path / "ONELABEL" / "one.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
+    args = [o.replace("EMPTY", str(tmp_path / "EMPTY")).replace("BADLINE", str(tmp_path / "BADLINE"))
+            .replace("ONELABEL", str(tmp_path / "ONELABEL")) for o in overrides]
+    r = run_cli(*args, "logger=none", cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "loading model" not in r.stderr + r.stdout  # stopped before any model work
+    if "meen" not in overrides[0]:
+        assert r.returncode == 2
