@@ -45,7 +45,7 @@ def _app(cfg: DictConfig) -> float | None:
     from embedkit.run import run
 
     try:
-        return run(cfg, run_dir, group)["mean"]
+        return run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0)["mean"]
     except Exception as e:
         user_error = find_user_error(e)
         if user_error is None:

@@ -33,7 +33,7 @@ def load_results(folders: list[str]) -> list[dict]:
                 print(f"embedkit-report: skipping {path}: {e}", file=sys.stderr)
     if not results:
         raise SystemExit(f"embedkit-report: error: no results.json under {', '.join(folders)}")
-    return results
+    return sorted(results, key=lambda r: (r.get("sweep") or "", r.get("job", 0), r.get("created", "")))
 
 
 def _value(result: dict, value: str) -> float | None:
@@ -46,7 +46,7 @@ def pivot(results: list[dict], rows: str, cols: str, value: str = "mean"):
     row_keys = list(dict.fromkeys(str(r[rows]) for r in results))
     col_keys = list(dict.fromkeys(str(r[cols]) for r in results))
     cells = {}
-    for r in sorted(results, key=lambda r: r.get("created", "")):
+    for r in results:
         v = _value(r, value)
         if v is not None:
             cells[(str(r[rows]), str(r[cols]))] = v

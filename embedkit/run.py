@@ -67,7 +67,7 @@ def check_writable(folder: Path) -> None:
                             "set paths.output_root (or hydra.run.dir) to a writable folder") from None
 
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
     """Evaluate one configuration; returns the dict written to ``run_dir/results.json``."""
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
@@ -116,6 +116,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "git_commit": git_commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(run_dir),
+            "sweep": group,
+            "job": job,
             "config": config,
         }
         write_json(run_dir / "results.json", results)
