@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+ARGS ?=
 DEMO_DIR ?= outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup demo test report clean
+.PHONY: help setup demo test report clean attention
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ test: setup  ## run the test suite (real model, real data from ../shared/data)
 
 report:  ## rebuild the table of a finished sweep: make report DIR=outputs/demo/...
 	$(BIN)/embedkit-report $(DIR)
+
+attention: setup  ## where the final token attends (charts, text share), offline: make attention ARGS='prompt=eol'
+	$(BIN)/embedkit-attention $(ARGS)
 
 clean:  ## remove outputs/ (results, embedding cache, W&B offline runs)
 	rm -rf outputs

@@ -43,6 +43,9 @@ def _app(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
     from embedkit.run import run
+    from embedkit.train import init_distributed
+
+    init_distributed()  # under torchrun: join the process group before any model work
 
     try:
         return run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0)["mean"]

@@ -134,27 +134,32 @@ def _first_sentence(doc: str) -> str:
 
 
 def stdlib_docstrings(min_per_label: int = 40, max_per_label: int = 25, max_chars: int = 1500, seed: int = 0,
-                      tasks: tuple[str, ...] = ("s2s", "p2p")) -> list[ClusteringSet]:
+                      tasks: tuple[str, ...] = ("s2s", "p2p"), split: str = "test") -> list[ClusteringSet]:
     """Docstrings of this Python's standard library as clustering tasks (label = top-level module).
 
     Source files are parsed with ``ast``; nothing is imported or executed. ``s2s`` uses the first
     sentence of each docstring, ``p2p`` the whole docstring (cut at ``max_chars``). Private names and
     one-line docstrings shorter than four words are skipped. Deterministic for a Python version.
+    ``split="test"`` (evaluation) is the sample; ``split="train"`` is every other docstring of the same
+    modules, disjoint from it (fine-tuning pairs come from there, see ``embedkit.pairs.stdlib_pairs``).
     """
     unknown = set(tasks) - {"s2s", "p2p"}
     if unknown:
         raise EmbedkitError(f"data.tasks: unknown {sorted(unknown)}; choose from s2s, p2p")
-    chosen = _stdlib_sample(min_per_label, max_per_label, seed)
+    if split not in ("test", "train"):
+        raise EmbedkitError(f"data.split must be 'test' or 'train', got {split!r}")
+    chosen = _stdlib_sample(min_per_label, max_per_label, seed)[split]
     builders = {"s2s": _first_sentence, "p2p": lambda d: " ".join(d.split())[:max_chars]}
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return [ClusteringSet(f"stdlib-{t}", [builders[t](d) for _, d in chosen], [lab for lab, _ in chosen],
-                          f"{version} standard library docstrings")
+    suffix = "" if split == "test" else "-train"
+    return [ClusteringSet(f"stdlib-{t}{suffix}", [builders[t](d) for _, d in chosen],
+                          [lab for lab, _ in chosen], f"{version} standard library docstrings ({split} split)")
             for t in tasks]
 
 
 @functools.lru_cache(maxsize=4)
-def _stdlib_sample(min_per_label: int, max_per_label: int, seed: int) -> list[tuple[str, str]]:
-    """(label, docstring) pairs; parsing the stdlib takes seconds, so a sweep does it once."""
+def _stdlib_sample(min_per_label: int, max_per_label: int, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """(label, docstring) pairs per split; parsing the stdlib takes seconds, so a sweep does it once."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     docs: dict[str, list[str]] = defaultdict(list)
     for path in sorted(stdlib.rglob("*.py")):
@@ -174,9 +179,11 @@ def _stdlib_sample(min_per_label: int, max_per_label: int, seed: int) -> list[tu
             if doc and len(doc.split()) >= 4:
                 docs[top].append(doc)
     rng = random.Random(seed)
-    chosen = []
+    splits: dict[str, list[tuple[str, str]]] = {"test": [], "train": []}
     for top in sorted(docs):
         unique = list(dict.fromkeys(docs[top]))
         if len(unique) >= min_per_label:
-            chosen += [(top, d) for d in sorted(rng.sample(unique, min(max_per_label, len(unique))))]
-    return chosen
+            test = set(rng.sample(unique, min(max_per_label, len(unique))))
+            splits["test"] += [(top, d) for d in sorted(test)]
+            splits["train"] += [(top, d) for d in unique if d not in test]
+    return splits

@@ -46,6 +46,31 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list
     return batches
 
 
+def collate(seqs: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id sequences into ``input_ids`` and ``attention_mask`` [B, max_len]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, width - len(seq):] = torch.tensor(seq)
+        mask[r, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def takes_position_ids(model) -> bool:
+    base = getattr(model, "get_base_model", lambda: model)()
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: bool = True) -> torch.Tensor:
+    """Final-layer states [B, L, D] of the base model; position ids follow the mask, so left padding
+    does not shift positions."""
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if position_ids:
+        kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return model(**kwargs).last_hidden_state
+
+
 class Encoder:
     """Embeds texts with a backbone and a prompt; ``encode_all`` returns every pooling mode."""
 
@@ -69,8 +94,7 @@ class Encoder:
         self.forward_calls = 0  # model forward passes run by this encoder (tests and reports read it)
         self.texts_encoded = 0
         self.cache_hits = 0
-        base = getattr(backbone.model, "get_base_model", lambda: backbone.model)()
-        self._takes_position_ids = "position_ids" in inspect.signature(base.forward).parameters
+        self._takes_position_ids = takes_position_ids(backbone.model)
 
     def cache_key(self, texts: list[str]) -> str:
         h = hashlib.sha256()
@@ -123,18 +147,8 @@ class Encoder:
         bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not self.show_progress,
                    dynamic_ncols=True)
         for batch in batches:
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                seq = items[i].ids
-                ids[r, width - len(seq):] = torch.tensor(seq)
-                mask[r, width - len(seq):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            kwargs = {"input_ids": ids, "attention_mask": mask}
-            if self._takes_position_ids:
-                kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
-            hidden = model(**kwargs).last_hidden_state
+            ids, mask = collate([items[i].ids for i in batch], tok.pad_token_id, device)
+            hidden = last_hidden(model, ids, mask, self._takes_position_ids)
             self.forward_calls += 1
             for mode, vec in pool_all(hidden, mask).items():
                 result[mode][batch] = vec.cpu().numpy()

@@ -41,7 +41,9 @@ def pool_all(hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, to
     }
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def _unit(x):
+    if isinstance(x, torch.Tensor):
+        return torch.nn.functional.normalize(x, dim=1)
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
@@ -57,10 +59,12 @@ class Pooling:
                 f"pooling '{self.name}': unknown mode '{self.mode}'; choose one of {', '.join(MODES)}"
             )
 
-    def select(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
-        """Pick (or build) this pooling's vectors from the output of ``pool_all``."""
+    def select(self, pooled: dict):
+        """Pick (or build) this pooling's vectors from the output of ``pool_all`` (numpy or torch)."""
         if self.mode == "concat":
-            out = np.concatenate([_unit(pooled["mean"]), _unit(pooled["last"])], axis=1)
+            parts = [_unit(pooled["mean"]), _unit(pooled["last"])]
+            cat = torch.cat if isinstance(parts[0], torch.Tensor) else np.concatenate
+            out = cat(parts, 1)
         else:
             out = pooled[self.mode]
         return _unit(out) if self.normalize else out

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from embedkit.encoder import Encoder
 from embedkit.errors import EmbedkitError
 from embedkit.io import write_json
+from embedkit.loggers import NullLogger
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +76,45 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     pooling = instantiate(cfg.pooling)
     evaluator = instantiate(cfg.eval)
     sets = instantiate(cfg.data)
+    training = cfg.train.name != "none"
+    if training:
+        from embedkit.train import TrainConfig
+
+        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+        pairs = instantiate(cfg.pairs)
+        optimizer_factory = instantiate(cfg.optimizer)
     check_writable(run_dir)
     t_data = time.perf_counter()
     names = f"model={cfg.model.name or cfg.model.name_or_path} prompt={prompt.name} pooling={pooling.name}"
     log.info("run %s on %d task(s): %s", names, len(sets), ", ".join(s.name for s in sets))
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = instantiate(cfg.logger)
-    logger.start(config, name=run_dir.name, group=group, job_type="eval", run_dir=run_dir)
+    from embedkit.train import _world
+
+    main_process = _world()[0] == 0  # under torchrun only rank 0 logs and writes results
+    logger = instantiate(cfg.logger) if main_process else NullLogger()
+    logger.start(config, name=run_dir.name, group=group, job_type="train" if training else "eval", run_dir=run_dir)
     failed = True
     try:
         backbone = instantiate(cfg.model)
         t_model = time.perf_counter()
-        encoder = Encoder(backbone, prompt, max_length=cfg.encode.max_length, batch_size=cfg.encode.batch_size,
-                          max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
-                          cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None)
+        make_encoder = lambda bb: Encoder(  # noqa: E731
+            bb, prompt, max_length=cfg.encode.max_length, batch_size=cfg.encode.batch_size,
+            max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
+            cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None)
+        encoder = make_encoder(backbone)
         scores = evaluator.evaluate(encoder, pooling, sets)
+        extra = {}
+        if training:
+            if cfg.augmentation.name != "none":
+                pairs = augment_pairs(cfg, pairs)
+            extra, backbone = fine_tune(cfg, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory,
+                                        logger, run_dir)
+            extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))
+            encoder = make_encoder(backbone)
+            scores = evaluator.evaluate(encoder, pooling, sets)
+            log.info("fine-tuning moved the mean V-measure from %.4f to %.4f", extra["mean_before"],
+                     float(np.mean(list(scores.values()))))
         t_eval = time.perf_counter()
         results = {
             "model": backbone.name,
@@ -103,6 +127,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             "mean": float(np.mean(list(scores.values()))),
             "tasks": {s.name: {"n_texts": len(s.texts), "n_labels": s.n_labels, "source": s.source, **s.notes}
                       for s in sets},
+            **extra,
             "eval": evaluator.describe(),
             "encode": {"dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
                        "max_length": encoder.max_length, "batch_size": encoder.batch_size,
@@ -120,8 +145,10 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             "job": job,
             "config": config,
         }
-        write_json(run_dir / "results.json", results)
-        logger.summary({"scores": scores, "mean": results["mean"], "timings": results["timings"]})
+        if main_process:
+            write_json(run_dir / "results.json", results)
+        logger.summary({"scores": scores, "mean": results["mean"], "timings": results["timings"],
+                        **{k: extra[k] for k in ("scores_before", "mean_before", "train") if k in extra}})
         logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
         failed = False
     finally:
@@ -129,3 +156,41 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     log.info("%s: mean V-measure %.4f over %d task(s) -> %s", names, results["mean"], len(scores),
              run_dir / "results.json")
     return results
+
+
+def augment_pairs(cfg: DictConfig, pairs):
+    """Replace the positives by views generated from the anchors (``augmentation`` group)."""
+    from embedkit.pairs import PairSet
+
+    aug = instantiate(cfg.augmentation)
+    rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=Path(cfg.paths.output_root) / "cache" / "pairs",
+                          seed=cfg.seed)
+    return PairSet(f"{pairs.name}+{aug.name}", [r["anchor"] for r in rows], [r["positive"] for r in rows],
+                   None, pairs.source)
+
+
+def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory, logger, run_dir):
+    """Train a LoRA adapter with the shared trainer; returns (results fields, tuned backbone)."""
+    from embedkit.train import Trainer
+
+    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prompt", "pooling", "pairs",
+                                                                     "augmentation", "optimizer")]
+    key = train_cfg.fingerprint(*parts, cfg.seed)
+    checkpoint_dir = Path(cfg.paths.output_root) / "checkpoints" / f"{backbone.name}-{train_cfg.name}-{key}"
+    trainer = Trainer(backbone, prompt, pooling, pairs, train_cfg, optimizer_factory, logger=logger,
+                      checkpoint_dir=checkpoint_dir, seed=cfg.seed, show_progress=cfg.encode.show_progress)
+    log.info("fine-tuning %s on %d pairs of %s: %d steps of %d pairs (%s negatives, chunks of %d)", backbone.name,
+             len(pairs), pairs.name, trainer.total_steps, train_cfg.batch_size, train_cfg.negatives,
+             train_cfg.chunk_size)
+    summary = trainer.fit()
+    adapter = trainer.save_adapter(run_dir / "adapter")
+    summary["checkpoint_dir"] = str(checkpoint_dir)
+    logger.table("train_loss", ["step", "loss"], [[h["step"], h["train/loss"]] for h in trainer.history])
+    tuned = trainer.tuned_backbone(backbone, adapter)
+    out = {"train": summary, "adapter_dir": str(adapter)}
+    if train_cfg.export:
+        from embedkit.export import export_sentence_transformers
+
+        out["sentence_transformers_dir"] = str(export_sentence_transformers(
+            tuned, prompt, pooling, cfg.encode.max_length, run_dir / "sentence-transformers"))
+    return out, tuned

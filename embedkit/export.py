@@ -1,0 +1,82 @@
+"""Export a (fine-tuned) embedkit model as a sentence-transformers folder.
+
+``SentenceTransformer(folder).encode(texts)`` then gives the embeddings embedkit computes, with no
+embedkit code at load time: the LoRA adapter is merged into the weights, the prompt template (prefix,
+suffix, and the EOS for ``eos`` pooling) is baked into the tokenizer's post-processor as fixed token ids,
+so truncation cuts only the text, exactly as ``embedkit.prompts.tokenize`` does, and the pooling is
+sentence-transformers' own ``Pooling`` module (``mean``, ``lasttoken``, ``weightedmean``; plus
+``Normalize`` when ``pooling.normalize``). Left padding is kept. ``concat`` has no sentence-transformers
+equivalent and is refused. Positions: sentence-transformers passes no position ids, so left-padded rows
+start at a later position; with rotary position embeddings (Llama, Qwen, SmolLM2, ...) attention depends
+only on relative positions and the embeddings agree to float precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+from embedkit.errors import EmbedkitError
+from embedkit.models import Backbone
+from embedkit.pooling import Pooling
+from embedkit.prompts import Prompt, special_prefix
+
+_ST_POOLING = {"mean": "mean", "last": "lasttoken", "eos": "lasttoken", "weighted_mean": "weightedmean"}
+
+
+def prompt_post_processor(tokenizer, prompt: Prompt, append_eos: bool):
+    """A ``TemplateProcessing`` that wraps the text's tokens in the prompt's fixed token ids."""
+    from tokenizers.processors import TemplateProcessing
+
+    head = special_prefix(tokenizer)
+    head += tokenizer(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else []
+    tail = tokenizer(prompt.suffix, add_special_tokens=False)["input_ids"] if prompt.suffix else []
+    tail += [tokenizer.eos_token_id] if append_eos else []
+    names = [f"<embedkit_prompt_{i}>" for i in range(len(head) + len(tail))]
+    single = " ".join([*names[:len(head)], "$A", *names[len(head):]])
+    return TemplateProcessing(single=single, special_tokens=list(zip(names, head + tail))), len(head) + len(tail)
+
+
+def export_sentence_transformers(backbone: Backbone, prompt: Prompt, pooling: Pooling, max_length: int,
+                                 folder: str | os.PathLike) -> Path:
+    """Write a sentence-transformers model folder (atomically: complete or absent)."""
+    if pooling.mode not in _ST_POOLING:
+        raise EmbedkitError(f"pooling '{pooling.mode}' cannot be exported to sentence-transformers; "
+                            f"export one of {', '.join(_ST_POOLING)}")
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
+
+    folder = Path(folder)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = backbone.model
+        if hasattr(model, "merge_and_unload"):  # peft: fold the adapter into the weights
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(tmp / "hf")
+        tokenizer = copy.deepcopy(backbone.tokenizer)
+        processor, n_added = prompt_post_processor(tokenizer, prompt, append_eos=pooling.mode == "eos")
+        tokenizer.backend_tokenizer.post_processor = processor
+        tokenizer.padding_side = "left"
+        tokenizer.chat_template = None  # else sentence-transformers wraps texts in the chat template
+        tokenizer.save_pretrained(tmp / "hf")
+        transformer = Transformer(str(tmp / "hf"), max_seq_length=max_length + n_added,
+                                         processor_kwargs={"padding_side": "left"})
+        modules = [transformer, STPooling(transformer.get_embedding_dimension(),
+                                               pooling_mode=_ST_POOLING[pooling.mode])]
+        if pooling.normalize:
+            modules.append(Normalize())
+        st = SentenceTransformer(modules=modules, similarity_fn_name="cosine", device="cpu")
+        st.save(str(tmp / "st"))
+        (tmp / "st" / "embedkit.json").write_text(json.dumps(
+            {"base_model": backbone.name, "source": backbone.source, "adapter": backbone.adapter,
+             "prompt": prompt.template, "pooling": pooling.mode, "normalize": pooling.normalize,
+             "max_length": max_length}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp / "st", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

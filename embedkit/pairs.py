@@ -1,0 +1,107 @@
+"""Positive pairs for contrastive fine-tuning: a JSONL file, or the embedded stdlib train split.
+
+A pair file has one JSON object per line with ``anchor`` and ``positive`` (and optionally ``negative``,
+a hard negative). ``anchor == positive`` is the unsupervised SimCSE form: the two views then differ only
+by dropout (set ``train.model_dropout``). Problems stop the run before any model work, naming the line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedkit.data import _first_sentence, stdlib_docstrings
+from embedkit.errors import EmbedkitError
+
+
+@dataclass
+class PairSet:
+    name: str
+    anchors: list[str]
+    positives: list[str]
+    negatives: list[str] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.anchors:
+            raise EmbedkitError(f"pair set {self.source or self.name} is empty; give a file with "
+                                'lines like {"anchor": "...", "positive": "..."}')
+        if len(self.anchors) != len(self.positives):
+            raise EmbedkitError(f"{self.name}: {len(self.anchors)} anchors but {len(self.positives)} positives")
+        if self.negatives is not None and len(self.negatives) != len(self.anchors):
+            raise EmbedkitError(f"{self.name}: hard negatives must be given for every pair or for none")
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "n_pairs": len(self),
+                "hard_negatives": self.negatives is not None,
+                "anchor_is_positive": sum(a == p for a, p in zip(self.anchors, self.positives))}
+
+
+def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "positive",
+               negative_field: str = "negative", max_rows: int | None = None, seed: int = 0) -> PairSet:
+    """Read a pair file; ``max_rows`` keeps a seeded random subset (file order kept)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise EmbedkitError(f"pairs.path={path!r} is not a file; give a JSONL file of "
+                            '{"anchor": ..., "positive": ...} lines')
+    anchors, positives, negatives = [], [], []
+    try:
+        with open(file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EmbedkitError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise EmbedkitError(f"{file}:{lineno}: expected a JSON object")
+                for key in (anchor_field, positive_field):
+                    value = row.get(key)
+                    if not isinstance(value, str) or not value.strip():
+                        raise EmbedkitError(f"{file}:{lineno}: '{key}' is missing or empty (keys: "
+                                            f"{', '.join(row)}); set pairs.anchor_field / pairs.positive_field "
+                                            "if your file names them differently")
+                anchors.append(row[anchor_field])
+                positives.append(row[positive_field])
+                negatives.append(row.get(negative_field))
+    except UnicodeDecodeError as e:
+        raise EmbedkitError(f"{file}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    given = [n is not None for n in negatives]
+    if any(given) and not all(given):
+        first = given.index(not given[0]) + 1
+        raise EmbedkitError(f"{file}: '{negative_field}' is given on some rows but not others (e.g. pair {first});"
+                            " give a hard negative for every pair or for none")
+    pairs = PairSet(file.stem if file.stem != "train" else file.parent.name, anchors, positives,
+                    negatives if all(given) and given else None, str(file))
+    return subsample(pairs, max_rows, seed)
+
+
+def subsample(pairs: PairSet, max_rows: int | None, seed: int) -> PairSet:
+    if max_rows is None or max_rows >= len(pairs):
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), max_rows))
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    return PairSet(pairs.name, pick(pairs.anchors), pick(pairs.positives), pick(pairs.negatives), pairs.source)
+
+
+def stdlib_pairs(min_words: int = 5, max_chars: int = 1500, max_rows: int | None = None, seed: int = 0,
+                 **split_kwargs) -> PairSet:
+    """Title -> body pairs from the stdlib docstrings of the *train* split (disjoint from the demo's
+    evaluation split): anchor = first sentence, positive = the rest of the docstring."""
+    (train,) = stdlib_docstrings(tasks=("p2p",), split="train", max_chars=max_chars, seed=seed, **split_kwargs)
+    (test,) = stdlib_docstrings(tasks=("p2p",), split="test", max_chars=max_chars, seed=seed, **split_kwargs)
+    held_out = set(test.texts)
+    anchors, positives = [], []
+    for doc in train.texts:
+        head = _first_sentence(doc)
+        rest = doc[len(head):].strip() if doc.startswith(head) else ""
+        if doc not in held_out and len(head.split()) >= 3 and len(rest.split()) >= min_words:
+            anchors.append(head)
+            positives.append(rest)
+    return subsample(PairSet("stdlib-title-body", anchors, positives, None, train.source), max_rows, seed)
