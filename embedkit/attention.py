@@ -35,7 +35,6 @@ selected layers), ``aggregate_texts.csv`` (per text) and ``summary.json``.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import re
@@ -51,6 +50,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embedkit.cli import _QUIET, find_user_error
+from embedkit.encoder import collate, length_batches, takes_position_ids
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write, write_json
 from embedkit.models import Backbone
@@ -192,11 +192,6 @@ def token_label(tokenizer, token_id: int) -> str:
 
 # --- the attention rows -------------------------------------------------------------------------------
 
-def _takes_position_ids(model) -> bool:
-    base = getattr(model, "get_base_model", lambda: model)()
-    return "position_ids" in inspect.signature(base.forward).parameters
-
-
 def require_eager(backbone: Backbone) -> None:
     impl = getattr(backbone.model.config, "_attn_implementation", None)
     if impl not in (None, "eager"):
@@ -204,21 +199,6 @@ def require_eager(backbone: Backbone) -> None:
             f"model '{backbone.name}' was loaded with attn_implementation='{impl}', which does not return "
             "attention weights; load it with attn_implementation='eager' for attention analysis "
             "(embedkit-attention does this itself; the encoder keeps SDPA)")
-
-
-def _batches(lengths: list[int], per_cell: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= MAX_BATCH or (len(current) + 1) * width * width * per_cell
-                        > ATTENTION_BUDGET_BYTES):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 @torch.inference_mode()
@@ -235,17 +215,15 @@ def final_token_rows(backbone: Backbone, items: list[Tokenized], heads: str = "m
     n_layers = getattr(cfg, "num_hidden_layers", 32)
     n_heads = getattr(cfg, "num_attention_heads", 32)
     lengths = [len(t.ids) for t in items]
-    takes_positions = _takes_position_ids(model)
+    takes_positions = takes_position_ids(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[np.ndarray | None] = [None] * len(items)
-    for batch in _batches(lengths, n_layers * n_heads * 4):
+    per_cell = n_layers * n_heads * 4  # bytes of attention weights per (query, key) position
+    for batch in length_batches(lengths, MAX_BATCH, ATTENTION_BUDGET_BYTES,
+                                cost=lambda width, rows: rows * width * width * per_cell):
         width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, width - lengths[i]:] = torch.tensor(items[i].ids)
-            mask[r, width - lengths[i]:] = 1
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "output_attentions": True}
+        ids, mask = collate([items[i].ids for i in batch], pad, device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "output_attentions": True}
         if takes_positions:
             kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         with warnings.catch_warnings():

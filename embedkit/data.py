@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import logging
 import random
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedkit.errors import EmbedkitError
+from embedkit.io import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -62,38 +62,23 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label",
     if empty_text not in ("error", "skip"):
         raise EmbedkitError(f"data.empty_text must be 'error' or 'skip', got {empty_text!r}")
     texts, labels, skipped = [], [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be "
-                                        'one object like {"text": "...", "label": "..."}') from None
-                if not isinstance(row, dict):
-                    raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                for key in (text_field, label_field):
-                    if key not in row or row[key] is None:
-                        raise EmbedkitError(
-                            f"{path}:{lineno}: missing field '{key}' (keys: {', '.join(row) or 'none'}); "
-                            f"set data.text_field / data.label_field if your file names them differently")
-                text = row[text_field]
-                if not isinstance(text, str):
-                    raise EmbedkitError(f"{path}:{lineno}: '{text_field}' must be a string, got "
-                                        f"{type(text).__name__}")
-                if not text.strip():
-                    if empty_text == "error":
-                        raise EmbedkitError(f"{path}:{lineno}: empty '{text_field}'; remove the row or set "
-                                            "data.empty_text=skip to drop empty texts")
-                    skipped.append(lineno)
-                    continue
-                texts.append(text)
-                labels.append(str(row[label_field]))
-    except UnicodeDecodeError as e:
-        line = 1 + Path(path).read_bytes()[: e.start].count(b"\n")
-        raise EmbedkitError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    for lineno, row in iter_jsonl(path):
+        for key in (text_field, label_field):
+            if key not in row or row[key] is None:
+                raise EmbedkitError(
+                    f"{path}:{lineno}: missing field '{key}' (keys: {', '.join(row) or 'none'}); "
+                    f"set data.text_field / data.label_field if your file names them differently")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise EmbedkitError(f"{path}:{lineno}: '{text_field}' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            if empty_text == "error":
+                raise EmbedkitError(f"{path}:{lineno}: empty '{text_field}'; remove the row or set "
+                                    "data.empty_text=skip to drop empty texts")
+            skipped.append(lineno)
+            continue
+        texts.append(text)
+        labels.append(str(row[label_field]))
     if skipped:
         log.warning("%s: skipped %d empty texts (lines %s%s)", path, len(skipped),
                     ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")

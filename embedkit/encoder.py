@@ -30,14 +30,16 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first; a batch holds at most ``batch_size`` rows and, padded,
-    at most ``max_tokens`` tokens (a single longer row still gets its own batch)."""
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int,
+                   cost=lambda width, rows: width * rows) -> list[list[int]]:
+    """Indices grouped longest first; a batch holds at most ``batch_size`` rows and costs at most
+    ``max_tokens`` (by default padded tokens, ``cost(width, rows)``); a single row over budget still
+    gets its own batch."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current = [], []
     for i in order:
         width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_tokens):
+        if current and (len(current) >= batch_size or cost(width, len(current) + 1) > max_tokens):
             batches.append(current)
             current = []
         current.append(i)

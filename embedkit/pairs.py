@@ -7,13 +7,13 @@ by dropout (set ``train.model_dropout``). Problems stop the run before any model
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedkit.data import _first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
+from embedkit.io import iter_jsonl
 
 
 @dataclass
@@ -50,28 +50,15 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
         raise EmbedkitError(f"pairs.path={path!r} is not a file; give a JSONL file of "
                             '{"anchor": ..., "positive": ...} lines')
     anchors, positives, negatives = [], [], []
-    try:
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EmbedkitError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise EmbedkitError(f"{file}:{lineno}: expected a JSON object")
-                for key in (anchor_field, positive_field):
-                    value = row.get(key)
-                    if not isinstance(value, str) or not value.strip():
-                        raise EmbedkitError(f"{file}:{lineno}: '{key}' is missing or empty (keys: "
-                                            f"{', '.join(row)}); set pairs.anchor_field / pairs.positive_field "
-                                            "if your file names them differently")
-                anchors.append(row[anchor_field])
-                positives.append(row[positive_field])
-                negatives.append(row.get(negative_field))
-    except UnicodeDecodeError as e:
-        raise EmbedkitError(f"{file}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    for lineno, row in iter_jsonl(file, example='{"anchor": "...", "positive": "..."}'):
+        for key in (anchor_field, positive_field):
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise EmbedkitError(f"{file}:{lineno}: '{key}' is missing or empty (keys: {', '.join(row)}); set "
+                                    "pairs.anchor_field / pairs.positive_field if your file names them differently")
+        anchors.append(row[anchor_field])
+        positives.append(row[positive_field])
+        negatives.append(row.get(negative_field))
     given = [n is not None for n in negatives]
     if any(given) and not all(given):
         first = given.index(not given[0]) + 1

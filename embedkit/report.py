@@ -94,15 +94,37 @@ def heatmap(path: Path, title: str, rows: str, cols: str, row_keys, col_keys, ce
     plt.close(fig)
 
 
+def finetune_table(results: list[dict]) -> str:
+    """Before/after rows for runs that fine-tuned (``train=...``)."""
+    tuned = [r for r in results if "train" in r]
+    if not tuned:
+        return ""
+    lines = ["### fine-tuning: mean V-measure x100 before -> after", "",
+             "| model | prompt | pooling | pairs | steps x batch | negatives | before | after | change | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in tuned:
+        t = r["train"]
+        before, after = 100 * r["mean_before"], 100 * r["mean"]
+        lines.append(f"| {r['model']} | {r['prompt']} | {r['pooling']} | {t['pairs']['name']} | "
+                     f"{t['steps']} x {t['pairs_seen'] // max(t['steps'], 1)} | {t['negatives_per_loss']}-way | "
+                     f"{before:.1f} | {after:.1f} | {after - before:+.1f} | {t['wall_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
 def report(folders: list[str], rows: str = "prompt", cols: str = "pooling", value: str = "mean",
            out: str | None = None, plot: bool = True) -> str:
-    results = load_results(folders)
+    """The pivot table of the untuned runs (plus a before/after table of fine-tuned runs)."""
+    everything = load_results(folders)
+    results = [r for r in everything if "train" not in r] or everything
     row_keys, col_keys, cells = pivot(results, rows, cols, value)
     models = sorted({r["model"] for r in results})
     tasks = sorted({t for r in results for t in r["scores"]})
     what = "mean V-measure" if value == "mean" else f"V-measure on {value}"
     title = f"{what} x100, {', '.join(models)}, tasks: {', '.join(tasks)}"
     md = to_markdown(title, rows, row_keys, col_keys, cells)
+    tuned = finetune_table(everything)
+    if tuned:
+        md += "\n" + tuned
     out_dir = Path(out or folders[0])
     if out_dir.is_file():
         out_dir = out_dir.parent
@@ -110,9 +132,10 @@ def report(folders: list[str], rows: str = "prompt", cols: str = "pooling", valu
         f.write(md)
     with atomic_write(out_dir / "report.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["model", "prompt", "pooling", "mean", *tasks, "run_dir"])
-        for r in results:
-            w.writerow([r["model"], r["prompt"], r["pooling"], f"{r['mean']:.6f}",
+        w.writerow(["model", "prompt", "pooling", "train", "mean", "mean_before", *tasks, "run_dir"])
+        for r in everything:
+            w.writerow([r["model"], r["prompt"], r["pooling"], r.get("config", {}).get("train", {}).get("name", ""),
+                        f"{r['mean']:.6f}", f"{r['mean_before']:.6f}" if "mean_before" in r else "",
                         *(f"{r['scores'][t]:.6f}" if t in r["scores"] else "" for t in tasks), r.get("run_dir", "")])
     if plot and len(cells) > 1:
         heatmap(out_dir / "report.png", title, rows, cols, row_keys, col_keys, cells)

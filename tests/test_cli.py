@@ -102,3 +102,30 @@ def test_bad_input_stops_before_model_work_with_one_message(tmp_path, overrides,
     assert "loading model" not in r.stderr + r.stdout  # stopped before any model work
     if "meen" not in overrides[0]:
         assert r.returncode == 2
+
+
+def test_fine_tuning_run_improves_clustering_and_its_adapter_reloads(tmp_path, clustering_root):
+    """Same-intent pairs from CLINC150 *train* lift intent clustering on CLINC150 *test* (measured: 83.9 ->
+    87.7 with these settings); the saved adapter then evaluates to the same score in a later run."""
+    common = ["data=jsonl", f"data.root={clustering_root}", "data.include=[clinc150/test.jsonl]", "data.max_rows=400",
+              "logger=csv", "encode.max_length=16"]
+    pairs = clustering_root.parent / "pairs" / "clinc150_same_intent" / "train.jsonl"
+    r = run_cli(*common, "train=lora", "pairs=jsonl", f"pairs.path={pairs}", "pairs.max_rows=256",
+                "train.batch_size=32", "train.chunk_size=16", "train.max_steps=8", "train.warmup_steps=0", "train.r=16",
+                "train.alpha=32", "train.temperature=0.05", "train.max_length=16", "optimizer.lr=3e-4",
+                "train.save_every=4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = (tmp_path / "outputs" / "runs").glob("*/results.json")
+    res = json.loads(path.read_text())
+    before, after = res["mean_before"], res["mean"]
+    assert after > before + 0.015, (before, after)
+    t = res["train"]
+    assert t["steps"] == 8 and t["pairs_seen"] == 256 and t["negatives_per_loss"] == 32
+    assert t["final_loss"] < t["first_loss"] and t["peak_memory_gib"] > 0 and t["wall_s"] > 0
+    adapter = res["adapter_dir"]
+    assert list((tmp_path / "outputs" / "checkpoints").glob("*/step-0000008/adapter"))
+    again = run_cli(*common, f"model.adapter={adapter}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reloaded = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "runs").glob("*/results.json")
+                if "train" not in json.loads(p.read_text())]
+    assert reloaded[0]["mean"] == pytest.approx(after, abs=0.01)
