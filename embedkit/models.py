@@ -77,6 +77,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def quantization_kwargs(quantization: str | None, device: torch.device, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments for 4-/8-bit base weights (QLoRA), or {} without quantization."""
+    if quantization in (None, "none"):
+        return {}
+    if quantization not in ("4bit", "8bit"):
+        raise EmbedkitError(f"model.quantization={quantization!r}: use null, 4bit or 8bit")
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise EmbedkitError(f"model.quantization={quantization} needs a CUDA GPU and the bitsandbytes package "
+                            "(`pip install bitsandbytes`); on CPU use model.quantization=null")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
 def gguf_model_dir(package: str, cache_dir: str | os.PathLike) -> Path:
     """Folder of the dequantized model shipped as a GGUF in ``package``; built on first use.
 
@@ -135,8 +154,12 @@ def load_backbone(
     trust_remote_code: bool = False,
     adapter: str | None = None,
     cache_dir: str = "~/.cache/embedkit/models",
+    quantization: str | None = None,
 ) -> Backbone:
-    """Load (or reuse from this process) the base model and tokenizer for embedding."""
+    """Load (or reuse from this process) the base model and tokenizer for embedding.
+
+    ``quantization="4bit"|"8bit"`` loads the base weights through bitsandbytes (NF4 with double
+    quantization, compute in ``dtype``), the QLoRA setting; it needs a CUDA GPU and bitsandbytes."""
     if not name_or_path and not gguf_package:
         raise EmbedkitError("set model.name_or_path to a hub id or a local folder (or pick model=smollm2-135m)")
     if name_or_path and _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
@@ -148,8 +171,9 @@ def load_backbone(
         raise EmbedkitError(f"model.adapter={adapter!r}: no such folder (expected a saved peft adapter)")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    quant_kwargs = quantization_kwargs(quantization, dev, torch_dtype)
     key = (name_or_path, gguf_package, str(torch_dtype), attn_implementation, str(dev), revision,
-           trust_remote_code, adapter)
+           trust_remote_code, adapter, quantization)
     if key in _LOADED:
         return _LOADED[key]
 
@@ -169,7 +193,7 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
-                                          **kwargs)
+                                          **quant_kwargs, **kwargs)
     except OSError as e:
         raise EmbedkitError(
             f"could not load model '{source}': {str(e).splitlines()[0]}\n"
@@ -185,8 +209,10 @@ def load_backbone(
         model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
         info["adapter"] = str(Path(adapter).expanduser().resolve())
         info["adapter_mtime"] = max(p.stat().st_mtime_ns for p in Path(adapter).expanduser().rglob("*"))
-    model.to(dev).eval()
-    info.update(dtype=str(torch_dtype))
+    if not quant_kwargs:  # quantized weights are placed by from_pretrained
+        model.to(dev)
+    model.eval()
+    info.update(dtype=str(torch_dtype), quantization=quantization)
     backbone = Backbone(name=display, source=source, model=model, tokenizer=tokenizer,
                         dtype=torch_dtype, device=dev, adapter=adapter, info=info)
     _LOADED[key] = backbone

@@ -184,6 +184,10 @@ class Trainer:
                     module.attention_dropout = self.cfg.model_dropout
         lora = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
                           target_modules=list(self.cfg.target_modules), bias="none")
+        if getattr(model, "is_quantized", False):  # QLoRA: norms in fp32, inputs require grad
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.cfg.gradient_checkpointing)
         model = get_peft_model(model, lora)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

