@@ -60,16 +60,18 @@ def collate(seqs: list[tuple[int, ...]], pad_id: int, device: torch.device) -> t
 
 
 def takes_position_ids(model) -> bool:
+    """Whether the base model's forward accepts ``position_ids`` (and ``use_cache``)."""
     base = getattr(model, "get_base_model", lambda: model)()
     return "position_ids" in inspect.signature(base.forward).parameters
 
 
 def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: bool = True) -> torch.Tensor:
     """Final-layer states [B, L, D] of the base model; position ids follow the mask, so left padding
-    does not shift positions."""
+    does not shift positions, and no key/value cache is built (nothing is generated)."""
     kwargs = {"input_ids": ids, "attention_mask": mask}
     if position_ids:
         kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs["use_cache"] = False
     return model(**kwargs).last_hidden_state
 
 

@@ -83,15 +83,17 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
         train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
         pairs = instantiate(cfg.pairs)
         optimizer_factory = instantiate(cfg.optimizer)
+    elif cfg.augmentation.name != "none":
+        log.warning("augmentation=%s has no effect without fine-tuning (train=lora)", cfg.augmentation.name)
     check_writable(run_dir)
     t_data = time.perf_counter()
     names = f"model={cfg.model.name or cfg.model.name_or_path} prompt={prompt.name} pooling={pooling.name}"
     log.info("run %s on %d task(s): %s", names, len(sets), ", ".join(s.name for s in sets))
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    from embedkit.train import _world
+    from embedkit.train import rank_and_world
 
-    main_process = _world()[0] == 0  # under torchrun only rank 0 logs and writes results
+    main_process = rank_and_world()[0] == 0  # under torchrun only rank 0 logs and writes results
     logger = instantiate(cfg.logger) if main_process else NullLogger()
     logger.start(config, name=run_dir.name, group=group, job_type="train" if training else "eval", run_dir=run_dir)
     failed = True

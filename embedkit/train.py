@@ -112,7 +112,7 @@ def init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -120,7 +120,7 @@ def _world() -> tuple[int, int]:
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0, keeping gradients for this rank's slice."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return x
     from torch.distributed.nn.functional import all_gather
@@ -136,7 +136,7 @@ class Trainer:
                  show_progress: bool = True) -> None:
         self.cfg, self.prompt, self.pooling, self.pairs = cfg, prompt, pooling, pairs
         self.logger, self.seed, self.show_progress = logger, seed, show_progress
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         if cfg.batch_size % self.world:
             raise EmbedkitError(f"train.batch_size={cfg.batch_size} must be divisible by the {self.world} ranks")
         if cfg.batch_size > len(pairs):

@@ -56,9 +56,11 @@ def test_info_nce_matches_a_hand_computation():
     assert masked == pytest.approx(-(logits0[0] - math.log(sum(math.exp(x) for x in logits0))), rel=1e-5)
 
 
-def test_gradcache_gives_the_full_batch_loss_and_gradients(backbone, pairs):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradcache_gives_the_full_batch_loss_and_gradients(backbone, pairs, checkpointing):
     full = make(backbone, pairs, batch_size=8, chunk_size=8)
-    cached = make(backbone, pairs, batch_size=8, chunk_size=3)  # chunks of 3, 3, 2 pairs
+    cached = make(backbone, pairs, batch_size=8, chunk_size=3,  # chunks of 3, 3, 2 pairs
+                  gradient_checkpointing=checkpointing)
     with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient; same weights in both
         for (name, p1), (_, p2) in zip(full.model.named_parameters(), cached.model.named_parameters()):
             if "lora_B" in name:
