@@ -47,6 +47,9 @@ class ClusteringSet:
     def n_labels(self) -> int:
         return len(set(self.labels))
 
+    def describe(self) -> dict:
+        return {"n_texts": len(self.texts), "n_labels": self.n_labels, "source": self.source, **self.notes}
+
     def subsample(self, max_rows: int | None, seed: int) -> "ClusteringSet":
         """A seeded random subset of ``max_rows`` rows, kept in file order."""
         if max_rows is None or max_rows >= len(self.texts):
@@ -103,6 +106,52 @@ def load_jsonl_folder(root: str, include: list[str] | str = ("**/*.jsonl",), tex
         name = path.relative_to(base).with_suffix("").as_posix()
         sets.append(ClusteringSet(name, texts, labels, str(path), notes).subsample(max_rows, seed))
     return sets
+
+
+# --- named MTEB tasks (from the hub) ---------------------------------------------------------------
+
+@dataclass
+class MtebTask:
+    """A task of mteb's registry (e.g. TwentyNewsgroupsClustering), evaluated with its own evaluator."""
+
+    task: object
+
+    @property
+    def name(self) -> str:
+        return self.task.metadata.name
+
+    def describe(self) -> dict:
+        meta = self.task.metadata
+        return {"source": f"mteb:{meta.dataset['path']}@{meta.dataset.get('revision')}", "type": meta.type,
+                "main_score": meta.main_score, "eval_splits": list(meta.eval_splits)}
+
+
+def mteb_tasks(tasks: list[str] | None = None, benchmark: str | None = None,
+               task_type: str | None = "Clustering") -> list[MtebTask]:
+    """Named MTEB tasks, or the tasks of a benchmark filtered by type; data are loaded here (from the
+    datasets cache, or the hub with EMBEDKIT_ONLINE=1), so a missing dataset stops the run before any
+    model work."""
+    from embedkit.evaluate import _mteb
+
+    mteb = _mteb()
+    try:
+        if benchmark:
+            found = [t for t in mteb.get_benchmark(benchmark).tasks if task_type is None or t.metadata.type == task_type]
+        else:
+            if not tasks:
+                raise EmbedkitError("data.tasks is empty; name MTEB tasks, e.g. data.tasks=[TwentyNewsgroupsClustering]")
+            found = list(mteb.get_tasks(tasks=list(tasks)))
+    except KeyError as e:
+        raise EmbedkitError(f"unknown MTEB task or benchmark: {e.args[0]}") from None
+    for task in found:
+        try:
+            task.load_data()
+        except (ConnectionError, OSError) as e:
+            raise EmbedkitError(
+                f"MTEB task {task.metadata.name} is not cached and the hub is unreachable ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Run once with internet and EMBEDKIT_ONLINE=1 to download it, "
+                "or evaluate local data with data=jsonl data.root=...") from None
+    return [MtebTask(t) for t in found]
 
 
 # --- the embedded demo set -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.data import ClusteringSet
+from embedkit.data import ClusteringSet, MtebTask
 from embedkit.encoder import Encoder
 from embedkit.errors import EmbedkitError
 from embedkit.pooling import Pooling
@@ -108,18 +108,21 @@ class ClusteringEvaluator:
         return {"evaluator": self.evaluator, "n_seeds": self.n_seeds,
                 "kmeans_seeds": list(range(42, 42 + self.n_seeds))}
 
-    def evaluate(self, encoder: Encoder, pooling: Pooling, sets: list[ClusteringSet]) -> dict[str, float]:
+    def evaluate(self, encoder: Encoder, pooling: Pooling, sets: list[ClusteringSet | MtebTask]) -> dict[str, float]:
+        """Main score per task. Local sets use this evaluator's scoring; named MTEB tasks their own
+        (one run, mteb's seed), averaged over their evaluation splits and subsets."""
         mteb = _mteb()
         model = mteb_model(encoder, pooling)
         scores = {}
         for cs in sets:
             runs = []
-            for seed in range(42, 42 + self.n_seeds):  # 42 is mteb's default seed
-                result = mteb.evaluate(model, mteb_task(cs, self.evaluator, seed), cache=None,
-                                       overwrite_strategy="always", show_progress_bar=False,
+            for seed in range(42, 42 + (1 if isinstance(cs, MtebTask) else self.n_seeds)):  # 42: mteb's default
+                task = cs.task if isinstance(cs, MtebTask) else mteb_task(cs, self.evaluator, seed)
+                result = mteb.evaluate(model, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
                                        encode_kwargs={"batch_size": encoder.batch_size})
-                runs.append(float(result.task_results[0].scores["test"][0]["main_score"]))
+                split_scores = result.task_results[0].scores
+                runs.append(float(np.mean([s["main_score"] for split in task.metadata.eval_splits
+                                           for s in split_scores.get(split, [])])))
             scores[cs.name] = float(np.mean(runs))
-            log.info("%s: V-measure %.4f (%d texts, %d labels)", cs.name, scores[cs.name], len(cs.texts),
-                     cs.n_labels)
+            log.info("%s: %.4f (%s)", cs.name, scores[cs.name], cs.describe())
         return scores

@@ -127,8 +127,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             "pooling": pooling.name,
             "scores": scores,
             "mean": float(np.mean(list(scores.values()))),
-            "tasks": {s.name: {"n_texts": len(s.texts), "n_labels": s.n_labels, "source": s.source, **s.notes}
-                      for s in sets},
+            "tasks": {s.name: s.describe() for s in sets},
             **extra,
             "eval": evaluator.describe(),
             "encode": {"dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),

@@ -129,3 +129,13 @@ def test_fine_tuning_run_improves_clustering_and_its_adapter_reloads(tmp_path, c
     reloaded = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "runs").glob("*/results.json")
                 if "train" not in json.loads(p.read_text())]
     assert reloaded[0]["mean"] == pytest.approx(after, abs=0.01)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=mteb_clustering_v1"], "MTEB task ArxivClusteringP2P is not cached and the hub is unreachable"),
+    (["data=mteb", "data.tasks=[TwentyNewsgroupClustering]"], "Did you mean: 'TwentyNewsgroupsClustering'"),
+])
+def test_named_mteb_tasks_fail_offline_with_a_clear_message(tmp_path, overrides, message):
+    r = run_cli(*overrides, "logger=none", cwd=tmp_path, timeout=180)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "loading model" not in r.stderr + r.stdout
