@@ -38,7 +38,6 @@ import csv
 import json
 import logging
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from embedkit.cli import _QUIET, find_user_error
+from embedkit.cli import find_user_error, quiet_libraries, user_errors_as_messages
 from embedkit.encoder import collate, length_batches, takes_position_ids
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write, write_json
@@ -765,18 +764,10 @@ def _print_summary(summary: dict) -> None:
 def _app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    for name in _QUIET:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     out_dir = Path(cfg.attention.output_dir or HydraConfig.get().runtime.output_dir)
-    try:
+    with user_errors_as_messages("embedkit-attention"):
         run_attention(cfg, out_dir)
-    except Exception as e:
-        user_error = find_user_error(e)
-        if user_error is None:
-            raise
-        print(f"embedkit-attention: error: {user_error}", file=sys.stderr)
-        sys.exit(user_error.exit_code)
 
 
 def main() -> None:

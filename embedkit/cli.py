@@ -9,6 +9,7 @@ Input errors print one message on stderr (no traceback) and exit with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -34,11 +35,29 @@ log = logging.getLogger("embedkit")
 _QUIET = ("mteb", "datasets", "transformers", "httpx", "urllib3", "sklearn", "wandb", "huggingface_hub")
 
 
-@hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def quiet_libraries() -> None:
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def user_errors_as_messages(prog: str):
+    """Input errors (``EmbedkitError``, also wrapped by Hydra) become one line on stderr and their exit
+    code; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:
+        user_error = find_user_error(e)
+        if user_error is None:
+            raise
+        print(f"{prog}: error: {user_error}", file=sys.stderr)
+        sys.exit(user_error.exit_code)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
@@ -47,14 +66,8 @@ def _app(cfg: DictConfig) -> float | None:
 
     init_distributed()  # under torchrun: join the process group before any model work
 
-    try:
+    with user_errors_as_messages("embedkit"):
         return run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0)["mean"]
-    except Exception as e:
-        user_error = find_user_error(e)
-        if user_error is None:
-            raise
-        print(f"embedkit: error: {user_error}", file=sys.stderr)
-        sys.exit(user_error.exit_code)
 
 
 def find_user_error(e: BaseException | None) -> EmbedkitError | None:

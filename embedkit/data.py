@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import sysconfig
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 

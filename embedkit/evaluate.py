@@ -34,7 +34,7 @@ def _mteb():
 
 def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
     """An mteb clustering task holding ``cs`` as its test split (no download)."""
-    mteb = _mteb()
+    _mteb()  # imported with its warnings silenced
     from datasets import Dataset, DatasetDict
     from mteb.abstasks import AbsTaskClustering, AbsTaskClusteringLegacy
     from mteb.abstasks.task_metadata import TaskMetadata

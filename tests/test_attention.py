@@ -7,7 +7,6 @@ import copy
 import csv
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
