@@ -16,10 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 from embedkit.errors import EmbedkitError
+from embedkit.io import atomic_dir
 from embedkit.models import Backbone
 from embedkit.pooling import Pooling
 from embedkit.prompts import Prompt, special_prefix
@@ -49,34 +50,26 @@ def export_sentence_transformers(backbone: Backbone, prompt: Prompt, pooling: Po
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
 
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".embedkit-export-") as hf, atomic_dir(folder) as out:
+        hf = Path(hf)
         model = backbone.model
         if hasattr(model, "merge_and_unload"):  # peft: fold the adapter into the weights
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp / "hf")
+        model.save_pretrained(hf)
         tokenizer = copy.deepcopy(backbone.tokenizer)
         processor, n_added = prompt_post_processor(tokenizer, prompt, append_eos=pooling.mode == "eos")
         tokenizer.backend_tokenizer.post_processor = processor
         tokenizer.padding_side = "left"
         tokenizer.chat_template = None  # else sentence-transformers wraps texts in the chat template
-        tokenizer.save_pretrained(tmp / "hf")
-        transformer = Transformer(str(tmp / "hf"), max_seq_length=max_length + n_added,
-                                         processor_kwargs={"padding_side": "left"})
-        modules = [transformer, STPooling(transformer.get_embedding_dimension(),
-                                               pooling_mode=_ST_POOLING[pooling.mode])]
+        tokenizer.save_pretrained(hf)
+        transformer = Transformer(str(hf), max_seq_length=max_length + n_added, processor_kwargs={"padding_side": "left"})
+        modules = [transformer, STPooling(transformer.get_embedding_dimension(), pooling_mode=_ST_POOLING[pooling.mode])]
         if pooling.normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, similarity_fn_name="cosine", device="cpu")
-        st.save(str(tmp / "st"))
-        (tmp / "st" / "embedkit.json").write_text(json.dumps(
+        st.save(str(out))
+        (out / "embedkit.json").write_text(json.dumps(
             {"base_model": backbone.name, "source": backbone.source, "adapter": backbone.adapter,
              "prompt": prompt.template, "pooling": pooling.mode, "normalize": pooling.normalize,
              "max_length": max_length}, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp / "st", folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)

@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the target folder, then rename over the target.
+"""Atomic writes: write to a temporary file (or folder) beside the target, then rename over it.
 
-A crash or Ctrl-C leaves either the old file or the new one, never a half-written file.
+A crash or Ctrl-C leaves either the old file or the new one, never a half-written one. Files are
+fsync'ed before the rename and their folder after it, so a power loss does not undo a finished write.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +25,44 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Persist a folder's entries (a rename into it); a no-op where the OS does not allow it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield an empty temporary folder beside ``path``; when the block succeeds it replaces ``path``
+    (a folder that is complete or absent), when it fails it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

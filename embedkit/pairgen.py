@@ -29,13 +29,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from embedkit.errors import EmbedkitError
+from embedkit.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -55,33 +55,10 @@ class PairResult:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_durable(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically and durably: temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``text`` to ``path`` atomically and durably (temp file, fsync, rename, fsync of the folder)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _jsonl(rows: Sequence[dict]) -> str:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from embedkit.encoder import collate, last_hidden, takes_position_ids
 from embedkit.errors import EmbedkitError
+from embedkit.io import atomic_dir
 from embedkit.losses import info_nce
 from embedkit.models import Backbone
 from embedkit.pairs import PairSet
@@ -412,20 +413,12 @@ class Trainer:
         if self.rank != 0:
             return None
         target = self.checkpoint_dir / f"step-{self.step:07d}"
-        tmp = self.checkpoint_dir / f".tmp-step-{self.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(target) as tmp:  # a checkpoint folder is complete or absent
             self.model.save_pretrained(tmp / "adapter")
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
                         "scaler": self.scaler.state_dict() if self.scaler else None,
                         "history": self.history, "false_negatives": self.false_negatives}, tmp / "state.pt")
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(tmp, target)  # atomic: a checkpoint folder is complete or absent
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in self._checkpoints()[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return target
@@ -456,14 +449,11 @@ class Trainer:
     def save_adapter(self, folder: Path) -> Path:
         """The final adapter (peft format), written atomically; load it with ``model.adapter=<folder>``."""
         if self.rank == 0:
-            tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
-            (tmp / "embedkit.json").write_text(json.dumps(
-                {"base_model": self.base_name, "prompt": self.prompt.template, "pooling": self.pooling.mode,
-                 "max_length": self.cfg.max_length, "steps": self.step}, indent=2))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.rename(tmp, folder)
+            with atomic_dir(folder) as tmp:
+                self.model.save_pretrained(tmp)
+                (tmp / "embedkit.json").write_text(json.dumps(
+                    {"base_model": self.base_name, "prompt": self.prompt.template, "pooling": self.pooling.mode,
+                     "max_length": self.cfg.max_length, "steps": self.step}, indent=2))
         if self.world > 1:
             dist.barrier()  # the other ranks read the adapter after rank 0 wrote it
         return folder
