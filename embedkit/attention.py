@@ -50,7 +50,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from embedkit.cli import find_user_error, quiet_libraries, user_errors_as_messages
 from embedkit.encoder import collate, length_batches, takes_position_ids
-from embedkit.errors import EmbedkitError
+from embedkit.errors import EmbedkitError, interrupts_as_messages
 from embedkit.io import atomic_write, write_json
 from embedkit.models import Backbone
 from embedkit.prompts import Prompt, Tokenized, special_prefix, tokenize
@@ -771,7 +771,8 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _app()
+    with interrupts_as_messages("embedkit-attention", "nothing is resumed; re-run the same command"):
+        _app()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
     embedkit -m prompt=none,eol,cluster pooling=mean,last # a sweep: one results.json per job
     embedkit data=jsonl data.root=/path/to/folder         # your own JSONL clustering sets
 
-Input errors print one message on stderr (no traceback) and exit with code 2.
+Input errors print one message on stderr (no traceback) and exit with code 2; config errors are found
+before Hydra creates a run folder (``embedkit.schema``). Ctrl-C exits with 130, SIGTERM with 143, both
+after the same cleanup (no partial files).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from embedkit.errors import EmbedkitError  # noqa: E402
+from embedkit.errors import EmbedkitError, interrupts_as_messages  # noqa: E402
 
 log = logging.getLogger("embedkit")
 
@@ -80,7 +82,13 @@ def find_user_error(e: BaseException | None) -> EmbedkitError | None:
 
 
 def main() -> None:
-    _app()
+    with interrupts_as_messages("embedkit", "re-run the same command to resume (finished sweep jobs are "
+                                "skipped with eval.cache=true; train.resume=true continues training)"):
+        with user_errors_as_messages("embedkit"):
+            from embedkit.schema import precheck
+
+            precheck(sys.argv[1:])  # config errors before Hydra makes a run folder
+        _app()
 
 
 if __name__ == "__main__":

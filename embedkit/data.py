@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import sysconfig
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +64,7 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label",
     """Read texts and labels; raise ``EmbedkitError`` naming the line for anything malformed."""
     if empty_text not in ("error", "skip"):
         raise EmbedkitError(f"data.empty_text must be 'error' or 'skip', got {empty_text!r}")
-    texts, labels, skipped = [], [], []
+    texts, labels, skipped, linenos = [], [], [], []
     for lineno, row in iter_jsonl(path):
         for key in (text_field, label_field):
             if key not in row or row[key] is None:
@@ -82,10 +82,49 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label",
             continue
         texts.append(text)
         labels.append(str(row[label_field]))
+        linenos.append(lineno)
     if skipped:
-        log.warning("%s: skipped %d empty texts (lines %s%s)", path, len(skipped),
-                    ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")
-    return texts, labels, {"skipped_empty": len(skipped)}
+        log.warning("%s: skipped %d empty texts (lines %s)", path, len(skipped), _first(skipped))
+    return texts, labels, {"skipped_empty": len(skipped), **data_quality(path, texts, labels, linenos)}
+
+
+LONG_TEXT_CHARS = 100_000  # texts this long are reported; the encoder cuts every text to encode.max_length tokens
+
+
+def data_quality(path, texts: list[str], labels: list[str], linenos: list[int]) -> dict:
+    """Count (and log, with line numbers) what a clustering set may not be meant to contain: exact
+    duplicate rows, one text under two labels, labels with a single row, very long texts. Nothing is
+    dropped: the counts go into the task's description in ``results.json``."""
+    first_seen: dict[tuple[str, str], int] = {}
+    label_of: dict[str, str] = {}
+    dupes, conflicts = [], []
+    for text, label, lineno in zip(texts, labels, linenos):
+        if (text, label) in first_seen:
+            dupes.append(lineno)
+        elif label_of.setdefault(text, label) != label:
+            conflicts.append(lineno)
+        first_seen.setdefault((text, label), lineno)
+    counts = Counter(labels)
+    singletons = sorted(lab for lab, n in counts.items() if n == 1)
+    long_lines = [ln for t, ln in zip(texts, linenos) if len(t) > LONG_TEXT_CHARS]
+    if dupes:
+        log.warning("%s: %d duplicate rows (same text and label as an earlier row; lines %s); kept as given",
+                    path, len(dupes), _first(dupes))
+    if conflicts:
+        log.warning("%s: %d rows repeat an earlier text under another label (lines %s)", path, len(conflicts),
+                    _first(conflicts))
+    if singletons:
+        log.warning("%s: %d label(s) occur on one row only (%s); a cluster of one says little", path,
+                    len(singletons), _first(singletons))
+    if long_lines:
+        log.warning("%s: %d text(s) longer than %d characters (lines %s); each is cut to encode.max_length "
+                    "tokens when encoded", path, len(long_lines), LONG_TEXT_CHARS, _first(long_lines))
+    return {"duplicate_rows": len(dupes), "conflicting_labels": len(conflicts),
+            "singleton_labels": len(singletons), "long_texts": len(long_lines)}
+
+
+def _first(items: list, n: int = 10) -> str:
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
 
 
 def load_jsonl_folder(root: str, include: list[str] | str = ("**/*.jsonl",), text_field: str = "text",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
 from embedkit.models import Backbone
 from embedkit.pooling import BASE_MODES, Pooling, pool_all
@@ -28,6 +29,9 @@ from embedkit.prompts import Prompt, Tokenized, tokenize
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+MEMO_BYTES = 2 * 2**30  # embeddings kept in memory for the next job of a sweep in this process
+
+_MEMO: dict[str, dict[str, np.ndarray]] = {}  # cache key -> embeddings, oldest first
 
 
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int,
@@ -75,6 +79,16 @@ def last_hidden(model, ids: torch.Tensor, mask: torch.Tensor, position_ids: bool
     return model(**kwargs).last_hidden_state
 
 
+def _remember(key: str, pooled: dict[str, np.ndarray]) -> None:
+    """Keep the newest embeddings in memory (at most MEMO_BYTES in all, oldest dropped first)."""
+    size = sum(v.nbytes for v in pooled.values())
+    if size > MEMO_BYTES:
+        return
+    _MEMO[key] = pooled
+    while sum(v.nbytes for e in _MEMO.values() for v in e.values()) > MEMO_BYTES:
+        _MEMO.pop(next(iter(_MEMO)))
+
+
 class Encoder:
     """Embeds texts with a backbone and a prompt; ``encode_all`` returns every pooling mode."""
 
@@ -87,6 +101,7 @@ class Encoder:
         max_tokens: int = 16384,
         cache_dir: str | os.PathLike | None = None,
         show_progress: bool = True,
+        compile: bool = False,
     ) -> None:
         self.backbone = backbone
         self.prompt = prompt
@@ -99,6 +114,9 @@ class Encoder:
         self.texts_encoded = 0
         self.cache_hits = 0
         self._takes_position_ids = takes_position_ids(backbone.model)
+        # torch.compile fuses the small ops between matmuls (norms, rotary, activations); dynamic shapes,
+        # since every batch has its own width
+        self._model = torch.compile(backbone.model, dynamic=True) if compile else backbone.model
 
     def cache_key(self, texts: list[str]) -> str:
         h = hashlib.sha256()
@@ -120,12 +138,19 @@ class Encoder:
         path = None
         if self.cache_dir is not None:
             key = self.cache_key(texts)
+            if key in _MEMO:  # the previous job of this sweep (same process) encoded these texts
+                self.cache_hits += 1
+                log.info("%s: %d texts from the in-memory embedding cache", desc, len(texts))
+                _MEMO[key] = _MEMO.pop(key)
+                return {m: v.copy() for m, v in _MEMO[key].items()}  # callers may change theirs
             path = self.cache_dir / key[:2] / f"{key}.npz"
             if path.exists():
                 with np.load(path) as z:
                     self.cache_hits += 1
                     log.info("%s: %d texts from the embedding cache", desc, len(texts))
-                    return {m: z[m] for m in BASE_MODES}
+                    out = {m: z[m] for m in BASE_MODES}
+                _remember(key, out)
+                return out
         unique = list(dict.fromkeys(texts))
         pooled = self._encode_unique(unique, desc)
         index = {t: i for i, t in enumerate(unique)}
@@ -134,6 +159,7 @@ class Encoder:
         if path is not None:
             with atomic_write(path, "wb") as f:
                 np.savez(f, **out)
+            _remember(key, out)
         return out
 
     @torch.inference_mode()
@@ -145,14 +171,31 @@ class Encoder:
             log.info("%s: %d of %d texts cut to %d tokens", desc, n_trunc, len(items), self.max_length)
         lengths = [len(t.ids) for t in items]
         batches = length_batches(lengths, self.batch_size, self.max_tokens)
-        model, device = self.backbone.model, self.backbone.device
-        dim = model.config.hidden_size
+        model, device = self._model, self.backbone.device
+        dim = self.backbone.model.config.hidden_size
         result = {m: np.empty((len(texts), dim), dtype=np.float32) for m in BASE_MODES}
         bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not self.show_progress,
                    dynamic_ncols=True)
-        for batch in batches:
+        pending = list(reversed(batches))
+        while pending:
+            batch = pending.pop()
             ids, mask = collate([items[i].ids for i in batch], tok.pad_token_id, device)
-            hidden = last_hidden(model, ids, mask, self._takes_position_ids)
+            try:
+                hidden = last_hidden(model, ids, mask, self._takes_position_ids)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise EmbedkitError(
+                        f"{desc}: out of GPU memory on a single text of {ids.shape[1]} tokens; lower "
+                        "encode.max_length or use a smaller model.dtype") from None
+                del ids, mask
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(batch) // 2
+                log.warning("%s: out of GPU memory on a batch of %d texts x %d tokens; retrying as two "
+                            "batches of %d and %d (lower encode.max_tokens to avoid this)", desc, len(batch),
+                            len(items[batch[0]].ids), half, len(batch) - half)
+                pending += [batch[half:], batch[:half]]
+                continue
             self.forward_calls += 1
             for mode, vec in pool_all(hidden, mask).items():
                 result[mode][batch] = vec.cpu().numpy()

@@ -1,4 +1,10 @@
-"""User-facing errors: raised for bad input, caught by the CLI and printed as one message."""
+"""User-facing errors: raised for bad input, caught by the CLI and printed as one message; interruptions
+(Ctrl-C, SIGTERM) end the same way."""
+
+import contextlib
+import signal
+import sys
+import threading
 
 
 class EmbedkitError(Exception):
@@ -9,3 +15,33 @@ class EmbedkitError(Exception):
     """
 
     exit_code = 2
+
+
+@contextlib.contextmanager
+def interrupts_as_messages(prog: str, hint: str = "re-run the same command to resume"):
+    """Make SIGTERM behave like Ctrl-C and end either with one line on stderr.
+
+    Inside the block SIGTERM raises ``KeyboardInterrupt``, so ``finally`` blocks and the atomic writes
+    (``embedkit.io``) remove their temporary files exactly as for Ctrl-C; a second SIGTERM during that
+    cleanup is ignored (SIGKILL still works). The process exits with 128 + the signal number: 130 for
+    Ctrl-C (SIGINT), 143 for SIGTERM.
+    """
+    received: list[int] = []
+
+    def on_term(signum, _frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        print(f"\n{prog}: interrupted ({signal.Signals(signum).name}); finished results, caches and checkpoints "
+              f"are complete files and no partial file was left; {hint}", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

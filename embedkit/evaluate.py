@@ -9,6 +9,7 @@ paper's numbers are comparable with. ``v2`` is ``AbsTaskClustering`` with every 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import warnings
 from typing import Any
@@ -19,10 +20,18 @@ from embedkit.data import ClusteringSet, MtebTask
 from embedkit.encoder import Encoder
 from embedkit.errors import EmbedkitError
 from embedkit.pooling import Pooling
+from embedkit.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 
 EVALUATORS = ("legacy", "v2")
+
+
+def _mteb_version() -> str | None:
+    try:
+        return importlib.metadata.version("mteb")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _mteb():
@@ -32,6 +41,11 @@ def _mteb():
     return mteb
 
 
+def content_digest(cs: ClusteringSet) -> str:
+    """SHA-256 of a set's texts and labels, in order (its "revision" for mteb and the result cache)."""
+    return hashlib.sha256("\n".join(f"{t}\t{l}" for t, l in zip(cs.texts, cs.labels)).encode()).hexdigest()
+
+
 def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
     """An mteb clustering task holding ``cs`` as its test split (no download)."""
     _mteb()  # imported with its warnings silenced
@@ -39,7 +53,7 @@ def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
     from mteb.abstasks import AbsTaskClustering, AbsTaskClusteringLegacy
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    digest = hashlib.sha256("\n".join(f"{t}\t{l}" for t, l in zip(cs.texts, cs.labels)).encode()).hexdigest()
+    digest = content_digest(cs)
     label_ids = {lab: i for i, lab in enumerate(sorted(set(cs.labels)))}
     labels = [label_ids[lab] for lab in cs.labels]
     if evaluator == "legacy":
@@ -96,13 +110,32 @@ def mteb_model(encoder: Encoder, pooling: Pooling):
 class ClusteringEvaluator:
     """Scores an encoder + pooling on clustering sets: task name -> V-measure in [0, 1]."""
 
-    def __init__(self, evaluator: str = "legacy", n_seeds: int = 1) -> None:
+    def __init__(self, evaluator: str = "legacy", n_seeds: int = 1, cache: bool = False,
+                 cache_dir: str | None = None, overwrite: bool = False) -> None:
         if evaluator not in EVALUATORS:
             raise EmbedkitError(f"eval.evaluator={evaluator!r}; choose one of {', '.join(EVALUATORS)}")
         if n_seeds < 1:
             raise EmbedkitError(f"eval.n_seeds must be >= 1, got {n_seeds}")
+        if cache and not cache_dir:
+            raise EmbedkitError("eval.cache=true needs eval.cache_dir (default ${paths.result_cache}); "
+                                "set it or turn the result cache off with eval.cache=false")
         self.evaluator = evaluator
         self.n_seeds = n_seeds
+        self.cache = ResultCache(cache_dir, overwrite=overwrite) if cache else None
+        self.cached_tasks: list[str] = []  # tasks of the last evaluate() whose score came from the cache
+
+    def cache_fields(self, encoder: Encoder, pooling: Pooling, cs: ClusteringSet | MtebTask) -> dict:
+        """Everything one task's score depends on (see ``embedkit.result_cache``)."""
+        bb = encoder.backbone
+        if isinstance(cs, MtebTask):
+            meta = cs.task.metadata
+            task = {"name": cs.name, "dataset": meta.dataset, "splits": list(meta.eval_splits),
+                    "evaluator": type(cs.task).__name__}
+        else:
+            task = {"name": cs.name, "digest": content_digest(cs), "evaluator": self.describe()}
+        return {"model": bb.name, "weights": bb.fingerprint, "adapter": bb.info.get("adapter_sha256", bb.adapter),
+                "prompt": encoder.prompt.template, "pooling": {"mode": pooling.mode, "normalize": pooling.normalize},
+                "max_length": encoder.max_length, "task": task, "mteb": _mteb_version()}
 
     def describe(self) -> dict:
         return {"evaluator": self.evaluator, "n_seeds": self.n_seeds,
@@ -114,7 +147,15 @@ class ClusteringEvaluator:
         mteb = _mteb()
         model = mteb_model(encoder, pooling)
         scores = {}
+        self.cached_tasks = []
         for cs in sets:
+            fields = self.cache_fields(encoder, pooling, cs) if self.cache else None
+            cached = self.cache.get(fields) if self.cache else None
+            if cached is not None:
+                scores[cs.name] = cached
+                self.cached_tasks.append(cs.name)
+                log.info("%s: %.4f (from the result cache; eval.overwrite=true recomputes)", cs.name, cached)
+                continue
             runs = []
             for seed in range(42, 42 + (1 if isinstance(cs, MtebTask) else self.n_seeds)):  # 42: mteb's default
                 task = cs.task if isinstance(cs, MtebTask) else mteb_task(cs, self.evaluator, seed)
@@ -124,5 +165,7 @@ class ClusteringEvaluator:
                 runs.append(float(np.mean([s["main_score"] for split in task.metadata.eval_splits
                                            for s in split_scores.get(split, [])])))
             scores[cs.name] = float(np.mean(runs))
+            if self.cache:
+                self.cache.put(fields, scores[cs.name])
             log.info("%s: %.4f (%s)", cs.name, scores[cs.name], cs.describe())
         return scores

@@ -7,6 +7,7 @@ fsync'ed before the rename and their folder after it, so a power loss does not u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,10 +29,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
     fsync_dir(path.parent)
+
+
+def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+    """A full disk (or quota) while writing is the user's to fix: say so in one line (the partial
+    temporary file is already gone and the previous version of ``path``, if any, is untouched)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise EmbedkitError(f"no space left on the disk while writing {path} ({e.strerror}); nothing partial "
+                            "was kept. Free some space (or point paths.output_root at another disk) and re-run "
+                            "the same command: finished results and caches are reused") from None
 
 
 def fsync_dir(folder: Path) -> None:
@@ -59,8 +70,9 @@ def atomic_dir(path: str | os.PathLike):
         yield tmp
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, path)
         raise
     fsync_dir(path.parent)
 
@@ -79,14 +91,39 @@ def iter_jsonl(path: str | os.PathLike, example: str = '{"text": "...", "label":
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise EmbedkitError(f"{path}:{lineno}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+                raise EmbedkitError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
+                                    "file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (files saved by some Windows editors)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
-                                    f"like {example}") from None
+                cut = "" if raw.endswith(b"\n") else (
+                    "; it is the last line and has no line end: the file looks truncated (an interrupted copy "
+                    "or download?)")
+                raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){cut}; each "
+                                    f"line must be one object like {example}") from None
+            except RecursionError:
+                raise EmbedkitError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
+                                    f"flat object like {example}") from None
             if not isinstance(row, dict):
                 raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            bad = _lone_surrogate(row)
+            if bad is not None:
+                raise EmbedkitError(f"{path}:{lineno}: field '{bad}' holds an invalid \\u escape (a lone UTF-16 "
+                                    "surrogate), which is not text; fix or remove the escape")
             yield lineno, row
+
+
+def _lone_surrogate(row: dict) -> str | None:
+    """The first key whose string value (or the key itself) cannot be encoded as UTF-8, else None."""
+    for key, value in row.items():
+        for s in (key, value):
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    return key.encode("utf-8", "replace").decode() if isinstance(key, str) else str(key)
+    return None

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from embedkit.errors import EmbedkitError
+from embedkit.errors import EmbedkitError, interrupts_as_messages
 from embedkit.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("transformers", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    with interrupts_as_messages("embedkit-pairs", "the chunks already written are kept and the same command "
+                                "resumes from there"):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     try:
         augmenter, cfg = build_augmenter(args.augmentation, args.overrides)
         max_chars = args.max_chars or getattr(augmenter, "max_source_chars", 2000)
@@ -449,10 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbedkitError as e:
         print(f"embedkit-pairs: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("embedkit-pairs: interrupted; the chunks already written are kept and the next run with the same "
-              "arguments resumes from there", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -7,6 +7,7 @@ by dropout (set ``train.model_dropout``). Problems stop the run before any model
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from embedkit.data import _first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
 from embedkit.io import iter_jsonl
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +42,8 @@ class PairSet:
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "n_pairs": len(self),
                 "hard_negatives": self.negatives is not None,
-                "anchor_is_positive": sum(a == p for a, p in zip(self.anchors, self.positives))}
+                "anchor_is_positive": sum(a == p for a, p in zip(self.anchors, self.positives)),
+                "duplicate_pairs": len(self.anchors) - len(set(zip(self.anchors, self.positives)))}
 
 
 def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "positive",
@@ -49,7 +53,7 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
     if not file.is_file():
         raise EmbedkitError(f"pairs.path={path!r} is not a file; give a JSONL file of "
                             '{"anchor": ..., "positive": ...} lines')
-    anchors, positives, negatives = [], [], []
+    anchors, positives, negatives, seen, dupes = [], [], [], set(), []
     for lineno, row in iter_jsonl(file, example='{"anchor": "...", "positive": "..."}'):
         for key in (anchor_field, positive_field):
             value = row.get(key)
@@ -58,7 +62,18 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
                                     "pairs.anchor_field / pairs.positive_field if your file names them differently")
         anchors.append(row[anchor_field])
         positives.append(row[positive_field])
-        negatives.append(row.get(negative_field))
+        negative = row.get(negative_field)
+        if negative is not None and (not isinstance(negative, str) or not negative.strip()):
+            raise EmbedkitError(f"{file}:{lineno}: '{negative_field}' must be a non-empty string (or absent), got "
+                                f"{negative!r:.80}")
+        negatives.append(negative)
+        if (anchors[-1], positives[-1]) in seen:
+            dupes.append(lineno)
+        seen.add((anchors[-1], positives[-1]))
+    if dupes:
+        log.warning("%s: %d duplicate pairs (lines %s%s); kept as given (a duplicate in the same batch is "
+                    "masked as a false negative)", file, len(dupes), ", ".join(map(str, dupes[:10])),
+                    ", ..." if len(dupes) > 10 else "")
     given = [n is not None for n in negatives]
     if any(given) and not all(given):
         first = given.index(not given[0]) + 1

@@ -21,9 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embedkit.encoder import Encoder
-from embedkit.errors import EmbedkitError
 from embedkit.io import write_json
 from embedkit.loggers import NullLogger
+from embedkit.schema import check_writable, validate
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise EmbedkitError(f"cannot write to the output folder {folder}: {e.strerror}; "
-                            "set paths.output_root (or hydra.run.dir) to a writable folder") from None
-
-
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
     """Evaluate one configuration; returns the dict written to ``run_dir/results.json``."""
     t0 = time.perf_counter()
+    validate(cfg)  # types, ranges and keys of the whole config, before anything is built
     seed_everything(cfg.seed)
     prompt = instantiate(cfg.prompt)
     pooling = instantiate(cfg.pooling)
@@ -84,7 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
         optimizer_factory = instantiate(cfg.optimizer)
     elif cfg.augmentation.name != "none":
         log.warning("augmentation=%s has no effect without fine-tuning (train=lora)", cfg.augmentation.name)
-    check_writable(run_dir)
+    check_writable(run_dir, cfg.paths.get("min_free_mb", 0))
     t_data = time.perf_counter()
     names = f"model={cfg.model.name or cfg.model.name_or_path} prompt={prompt.name} pooling={pooling.name}"
     log.info("run %s on %d task(s): %s", names, len(sets), ", ".join(s.name for s in sets))
@@ -102,9 +92,10 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
         make_encoder = lambda bb: Encoder(  # noqa: E731
             bb, prompt, max_length=cfg.encode.max_length, batch_size=cfg.encode.batch_size,
             max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
-            cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None)
+            cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None, compile=cfg.encode.compile)
         encoder = make_encoder(backbone)
         scores = evaluator.evaluate(encoder, pooling, sets)
+        from_cache = {"scores": list(evaluator.cached_tasks)}
         extra = {}
         if training:
             if cfg.augmentation.name != "none":
@@ -114,6 +105,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))
             encoder = make_encoder(backbone)
             scores = evaluator.evaluate(encoder, pooling, sets)
+            from_cache = {"scores": list(evaluator.cached_tasks), "scores_before": from_cache["scores"]}
             log.info("fine-tuning moved the mean V-measure from %.4f to %.4f", extra["mean_before"],
                      float(np.mean(list(scores.values()))))
         t_eval = time.perf_counter()
@@ -129,6 +121,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             "tasks": {s.name: s.describe() for s in sets},
             **extra,
             "eval": evaluator.describe(),
+            "from_cache": from_cache,  # task names whose score was read from the result cache (eval.cache)
             "encode": {"dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
                        "max_length": encoder.max_length, "batch_size": encoder.batch_size,
                        "max_tokens": encoder.max_tokens, "forward_calls": encoder.forward_calls,
@@ -148,6 +141,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
         if main_process:
             write_json(run_dir / "results.json", results)
         logger.summary({"scores": scores, "mean": results["mean"], "timings": results["timings"],
+                        "from_cache": len(from_cache["scores"]),
                         **{k: extra[k] for k in ("scores_before", "mean_before", "train") if k in extra}})
         logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
         failed = False

@@ -88,6 +88,15 @@ class TrainConfig:
             (self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1"),
             (self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1"),
             (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
+            (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
+            (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),
+            (0 <= self.dropout < 1, f"train.dropout={self.dropout} must be in [0, 1)"),
+            (0 <= self.model_dropout < 1, f"train.model_dropout={self.model_dropout} must be in [0, 1)"),
+            (self.max_length >= 1, f"train.max_length={self.max_length} must be >= 1"),
+            (self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0"),
+            (self.max_grad_norm > 0, f"train.max_grad_norm={self.max_grad_norm} must be > 0"),
+            (self.save_every >= 1, f"train.save_every={self.save_every} must be >= 1"),
+            (self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"train.precision={self.precision!r}: use auto, fp32, bf16 or fp16"),
             (self.scheduler in ("linear", "cosine", "constant", "constant_with_warmup"),
@@ -130,6 +139,18 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- the trainer ----------------------------------------------------------------------------------------
+
+def width_groups(lengths: list[int], ratio: float = 0.5) -> list[list[int]]:
+    """Indices grouped longest first; a new group starts where a sequence is at most ``ratio`` times the
+    group's longest (it would be more than half padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if not groups or lengths[i] <= ratio * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
 
 class Trainer:
     def __init__(self, backbone: Backbone, prompt: Prompt, pooling: Pooling, pairs: PairSet, cfg: TrainConfig,
@@ -208,12 +229,24 @@ class Trainer:
     # -- embedding ------------------------------------------------------------------------------------
 
     def _embed(self, seqs: list[tuple[int, ...]]) -> torch.Tensor:
-        ids, mask = collate(seqs, self.tokenizer.pad_token_id, self.device)
+        """Pooled embeddings of ``seqs`` in their order. On CPU, sequences of very different lengths (short
+        titles and long bodies) run as separate passes, so short ones are not padded to the longest; the split
+        depends on lengths only, so a GradCache replay draws the same dropout masks."""
         ctx = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
                else contextlib.nullcontext())
-        with ctx:
-            hidden = last_hidden(self.model, ids, mask, self.position_ids)
-        return self.pooling.select(pool_all(hidden, mask)).float()
+        reps, order = [], []
+        # on a GPU, passes of a few thousand tokens are bound by kernel launches, not arithmetic: one pass
+        groups = width_groups([len(s) for s in seqs]) if self.device.type == "cpu" else [list(range(len(seqs)))]
+        for group in groups:
+            ids, mask = collate([seqs[i] for i in group], self.tokenizer.pad_token_id, self.device)
+            with ctx:
+                hidden = last_hidden(self.model, ids, mask, self.position_ids)
+            reps.append(self.pooling.select(pool_all(hidden, mask)).float())
+            order += group
+        out = torch.cat(reps)
+        if order != sorted(order):
+            out = out[torch.argsort(torch.tensor(order, device=out.device))]
+        return out
 
     def _chunk_seqs(self, idx: list[int]) -> tuple[list, int]:
         seqs = [self.anchor_ids[i] for i in idx] + [self.positive_ids[i] for i in idx]
@@ -276,6 +309,12 @@ class Trainer:
         cfg = self.cfg
         per_rank = len(batch) // self.world
         local = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+        if cfg.negatives == "full" and len(local) > cfg.chunk_size:
+            # GradCache's loss sees the whole batch whatever the chunks hold: chunk pairs of similar
+            # length together (less padding); every rank sorts every slice the same way
+            size = lambda i: -(len(self.anchor_ids[i]) + len(self.positive_ids[i]))  # noqa: E731
+            slices = [sorted(batch[r * per_rank:(r + 1) * per_rank], key=size) for r in range(self.world)]
+            batch, local = [i for sl in slices for i in sl], slices[self.rank]
         chunks = [local[i:i + cfg.chunk_size] for i in range(0, len(local), cfg.chunk_size)]
         self.model.train()
         if cfg.negatives == "chunk":  # plain accumulation: each chunk is its own small batch

@@ -1,0 +1,129 @@
+"""The fast encoder against the paper's loop (correctness, not speed), the OOM retry, and a smoke run of
+``make bench`` on tiny inputs (its numbers are measured by ``make bench``, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit.encoder import Encoder
+from embedkit.pooling import MODES, Pooling
+from embedkit.prompts import Prompt, tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from baselines import paper_encode  # noqa: E402
+
+TEXTS = [
+    "Return the absolute value of a number.",
+    "x",
+    "A fully differential calculation in perturbative quantum chromodynamics is presented for the production "
+    "of massive photon pairs at hadron colliders, including all next-to-leading order contributions.",
+    "Open a file and return a stream.",
+    "Deprecated alias.",
+    "The region of phase space is specified in which the calculation is most reliable; good agreement is "
+    "demonstrated with data from the Fermilab Tevatron, and predictions are made for more detailed tests.",
+    "can you make reservations at steak 'n' shake",
+    "Create a new socket using the given address family, socket type and protocol number.",
+]
+EOL = Prompt("eol", 'This sentence: "{text}" means in one word:')
+
+
+@pytest.fixture(scope="module")
+def causal_lm(backbone):
+    """The CausalLM with the same weights as the session backbone (what the paper's code loads)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(backbone.source, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(backbone):
+    """embedkit's encoder, length-sorted under a small token budget so texts of different widths share
+    batches (left padding inside a batch) and the input order must be restored."""
+    return Encoder(backbone, EOL, max_length=64, batch_size=3, max_tokens=150, show_progress=False).encode_all(TEXTS)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_encoder_matches_the_paper_loop_for_every_pooling(backbone, causal_lm, ours, padding_side):
+    seqs = [t.ids for t in tokenize(backbone.tokenizer, EOL, TEXTS, 64)]
+    base = paper_encode(causal_lm, seqs, backbone.tokenizer.pad_token_id, batch_size=4, padding_side=padding_side)
+    for mode in MODES:
+        pooling = Pooling(mode, mode)
+        a, b = pooling.select(ours), pooling.select(base)
+        assert a.shape == (len(TEXTS), backbone.model.config.hidden_size * (2 if mode == "concat" else 1))
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(a, b, atol=2e-4 * scale, rtol=0, err_msg=f"{mode}, {padding_side} padding")
+
+
+def test_unsorted_single_text_batches_give_the_same_embeddings(backbone, ours):
+    one_by_one = Encoder(backbone, EOL, max_length=64, batch_size=1, max_tokens=10_000, show_progress=False)
+    single = one_by_one.encode_all(TEXTS)
+    assert one_by_one.forward_calls == len(TEXTS)
+    for mode in single:
+        np.testing.assert_allclose(single[mode], ours[mode], atol=2e-4 * np.abs(single[mode]).max(), rtol=0)
+
+
+def test_out_of_memory_is_retried_with_smaller_batches(backbone, ours, monkeypatch, caplog):
+    import embedkit.encoder as encoder_module
+
+    real = encoder_module.last_hidden
+
+    def small_gpu(model, ids, mask, position_ids=True):
+        if ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, mask, position_ids)
+
+    monkeypatch.setattr(encoder_module, "last_hidden", small_gpu)
+    enc = Encoder(backbone, EOL, max_length=64, batch_size=4, max_tokens=10_000, show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="embedkit.encoder"):
+        out = enc.encode_all(TEXTS)
+    assert enc.forward_calls == len(TEXTS)
+    assert "out of GPU memory on a batch of 4 texts" in caplog.text and "lower encode.max_tokens" in caplog.text
+    for mode in out:
+        np.testing.assert_allclose(out[mode], ours[mode], atol=2e-4 * np.abs(out[mode]).max(), rtol=0)
+
+
+def test_out_of_memory_on_one_text_is_a_message(backbone, monkeypatch):
+    import embedkit.encoder as encoder_module
+    from embedkit.errors import EmbedkitError
+
+    def no_gpu(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(encoder_module, "last_hidden", no_gpu)
+    enc = Encoder(backbone, EOL, max_length=64, batch_size=2, max_tokens=10_000, show_progress=False)
+    with pytest.raises(EmbedkitError, match="out of GPU memory on a single text.*encode.max_length"):
+        enc.encode_all(TEXTS[:2])
+
+
+def test_bench_smoke(tmp_path):
+    """``experiments/bench.py`` end to end on a 2-layer random model: every section runs and the summary
+    holds the ratios; the fast and the baseline paths agree."""
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(ROOT / "experiments/bench.py"), "--profile", "smoke", "--models",
+                          "tiny-llama", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    r = data["models"]["tiny-llama"]
+    for kind in ("short", "long"):
+        assert r[f"encode_{kind}"]["cosine_last_vs_baseline"] > 0.9999
+        assert r[f"encode_{kind}"]["speedup"] > 0
+    assert r["poolings"]["rerun_forward_calls"] == 0
+    assert r["generate"]["identical_outputs"] == r["generate"]["texts"]  # greedy: batching changes nothing
+    assert r["train"]["ours"]["negatives_per_loss"] == 6 and r["train"]["paper"]["negatives_per_loss"] == 3
+    assert r["memory"]["texts"] == 40 and r["memory"]["peak_rss_gib"] > 0
+    assert [x["texts"] for x in r["scaling"]["by_texts"]] == [8, 16]
+    keys = {row["key"] for row in data["summary"]}
+    assert {"encode_short_speedup", "poolings_cost", "rerun_forward_calls", "train_speedup", "train_memory_ratio",
+            "generate_speedup", "memory_10k_gib", "scaling_linearity"} <= keys
+    assert "| what | baseline | embedkit |" in res.stdout
