@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ NONE = Prompt("none", "{text}")
 PROFILES = {
     "cpu": dict(short=512, long=48, batch=32, max_tokens=16384, train_micro=12, train_accumulation=10,
                 train_steps=1, train_max_length=32, gen_texts=16, gen_new_tokens=48, memory_texts=10_000,
-                memory_max_length=16, scale_texts=[250, 500, 1000], scale_lengths=[32, 128, 512],
+                memory_max_length=16, scale_texts=[200, 400, 800], scale_lengths=[32, 128, 512],
                 scale_length_texts=32),
     "gpu": dict(short=4096, long=1024, batch=512, max_tokens=65536, compile=True, train_micro=12, train_accumulation=10,
                 train_steps=3, train_max_length=100, gen_texts=16, gen_new_tokens=64, memory_texts=0,
@@ -226,6 +225,31 @@ def measured_matmul_tflops(device: torch.device) -> float | None:
     return 10 * 2 * 8192 ** 3 / dt / 1e12
 
 
+class PeakRSS:
+    """Highest resident memory of this process while the block runs (sampled every 5 ms): unlike
+    ``ru_maxrss`` it does not carry the peak of earlier work (model loading, a warm-up step)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.start = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss, self.start)
+
+
 # --- sections -----------------------------------------------------------------------------------------
 
 def bench_encode(bb, lm, texts: list[str], prompt: Prompt, p: dict, device, try_compile: bool = False) -> dict:
@@ -335,21 +359,18 @@ def bench_scaling(bb, p: dict, device) -> dict:
 
 def child(args) -> dict:
     """One measurement in a fresh process (own peak memory): train-paper, train-ours or memory."""
-    import psutil
-
     p = PROFILES[args.profile]
     device = resolve_device(args.device)
-    proc = psutil.Process()
     if args.child == "memory":
         bb, _ = build(args.model, device, want_lm=False)
         texts = word_texts(p["memory_texts"], words=p["memory_max_length"])
-        rss_loaded = proc.memory_info().rss
         enc = Encoder(bb, NONE, max_length=p["memory_max_length"], batch_size=p["batch"],
                       max_tokens=p["max_tokens"], show_progress=False)
-        _, dt = timed(lambda: enc.encode_all(texts), device)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"texts": len(texts), "s": round(dt, 2), "rss_after_load_gib": round(rss_loaded / 2**30, 3),
-                "peak_rss_gib": round(peak / 2**30, 3)}
+        # sampled, not ru_maxrss: an exec'd child's ru_maxrss includes its parent's RSS at fork time
+        with PeakRSS() as rss:
+            _, dt = timed(lambda: enc.encode_all(texts), device)
+        return {"texts": len(texts), "s": round(dt, 2), "rss_after_load_gib": round(rss.start / 2**30, 3),
+                "peak_rss_gib": round(rss.peak / 2**30, 3)}
     from embedkit.pairs import PairSet, load_pairs, stdlib_pairs
     from embedkit.train import Trainer, TrainConfig
 
@@ -377,18 +398,20 @@ def child(args) -> dict:
         del bb.model  # the trainer holds its own copy with the adapter; a training job keeps one
         order = list(range(len(pairs)))
         step = lambda i: trainer.train_step(order[i * n:(i + 1) * n])  # noqa: E731
-    step(0)  # warm-up
+    # memory: the first step from a clean state (activations, gradients, optimizer state), so allocator
+    # caches of an earlier step do not hide it; speed: the steps after it
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    else:
-        before = proc.memory_info().rss
-    _, dt = timed(lambda: [step(i) for i in range(1, p["train_steps"] + 1)], device)
+    with PeakRSS() as rss:
+        step(0)
+        sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before, peak = rss.start, rss.peak
+    _, dt = timed(lambda: [step(i) for i in range(1, p["train_steps"] + 1)], device)
     return {"scheme": "paper 12x10 accumulation" if paper else "embedkit GradCache", "pairs_per_step": n,
             "negatives_per_loss": p["train_micro"] if paper else n, "steps": p["train_steps"],
             "pairs_per_s": round(n * p["train_steps"] / dt, 2), "peak_gib": round(peak / 2**30, 3),
