@@ -83,9 +83,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
-def iter_jsonl(path: str | os.PathLike, example: str = '{"text": "...", "label": "..."}') -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, object)`` for every non-blank line; bad bytes, bad JSON and non-objects
-    raise ``EmbedkitError`` naming the file and line."""
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, bool]]:
+    """Yield ``(line number, text, ends with a line break)`` for every line, decoded as UTF-8 (a byte-order
+    mark at the start is dropped); bad bytes raise ``EmbedkitError`` naming the file and line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -95,26 +95,33 @@ def iter_jsonl(path: str | os.PathLike, example: str = '{"text": "...", "label":
                                     "file as UTF-8") from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark (files saved by some Windows editors)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                cut = "" if raw.endswith(b"\n") else (
-                    "; it is the last line and has no line end: the file looks truncated (an interrupted copy "
-                    "or download?)")
-                raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){cut}; each "
-                                    f"line must be one object like {example}") from None
-            except RecursionError:
-                raise EmbedkitError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
-                                    f"flat object like {example}") from None
-            if not isinstance(row, dict):
-                raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            bad = _lone_surrogate(row)
-            if bad is not None:
-                raise EmbedkitError(f"{path}:{lineno}: field '{bad}' holds an invalid \\u escape (a lone UTF-16 "
-                                    "surrogate), which is not text; fix or remove the escape")
-            yield lineno, row
+            yield lineno, line, raw.endswith(b"\n")
+
+
+def iter_jsonl(path: str | os.PathLike, example: str = '{"text": "...", "label": "..."}') -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for every non-blank line; bad bytes, bad JSON and non-objects
+    raise ``EmbedkitError`` naming the file and line."""
+    for lineno, line, complete in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            cut = "" if complete else (
+                "; it is the last line and has no line end: the file looks truncated (an interrupted copy "
+                "or download?)")
+            raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){cut}; each "
+                                f"line must be one object like {example}") from None
+        except RecursionError:
+            raise EmbedkitError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
+                                f"flat object like {example}") from None
+        if not isinstance(row, dict):
+            raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        bad = _lone_surrogate(row)
+        if bad is not None:
+            raise EmbedkitError(f"{path}:{lineno}: field '{bad}' holds an invalid \\u escape (a lone UTF-16 "
+                                "surrogate), which is not text; fix or remove the escape")
+        yield lineno, row
 
 
 def _lone_surrogate(row: dict) -> str | None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from embedkit.errors import EmbedkitError, interrupts_as_messages
-from embedkit.io import atomic_write
+from embedkit.io import atomic_write, iter_lines
 
 log = logging.getLogger(__name__)
 
@@ -287,48 +287,42 @@ def read_source(path: str | Path, text_field: str | None = None, max_chars: int 
     is_jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
     texts, ids, blank, huge = [], [], [], []
     used_field, labelled = None, False
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    for lineno, line, _ in iter_lines(p):
+        if not line.strip():
+            blank.append(lineno)
+            continue
+        sid = f"{p.name}:{lineno}"
+        if is_jsonl:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise EmbedkitError(f"{p}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
-                                    "file as UTF-8") from None
-            if not line.strip():
-                blank.append(lineno)
-                continue
-            sid = f"{p.name}:{lineno}"
-            if is_jsonl:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EmbedkitError(f"{p}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
-                                        'like {"text": "..."}') from None
-                if not isinstance(row, dict):
-                    raise EmbedkitError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EmbedkitError(f"{p}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
+                                    'like {"text": "..."}') from None
+            if not isinstance(row, dict):
+                raise EmbedkitError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if used_field is None:
+                used_field = text_field or next((k for k in ("text", "anchor", "sentence") if k in row), None)
                 if used_field is None:
-                    used_field = text_field or next((k for k in ("text", "anchor", "sentence") if k in row), None)
-                    if used_field is None:
-                        raise EmbedkitError(f"{p}:{lineno}: no text field (keys: {', '.join(row) or 'none'}); "
-                                            "pass --field NAME")
-                    labelled = "label" in row and used_field == "text"
-                text = row.get(used_field)
-                if not isinstance(text, str):
-                    raise EmbedkitError(f"{p}:{lineno}: field '{used_field}' is "
-                                        f"{'missing' if text is None else type(text).__name__}, expected a string")
-                if "id" in row:
-                    sid = str(row["id"])
-            else:
-                text = line.rstrip("\r\n")
-            if not text.strip():
-                blank.append(lineno)
-            elif len(text) > max_chars:
-                huge.append(lineno)
-            else:
-                texts.append(text)  # as given: the cache key is over the exact texts the trainer sees too
-                ids.append(sid)
-                if limit is not None and len(texts) >= limit:
-                    break
+                    raise EmbedkitError(f"{p}:{lineno}: no text field (keys: {', '.join(row) or 'none'}); "
+                                        "pass --field NAME")
+                labelled = "label" in row and used_field == "text"
+            text = row.get(used_field)
+            if not isinstance(text, str):
+                raise EmbedkitError(f"{p}:{lineno}: field '{used_field}' is "
+                                    f"{'missing' if text is None else type(text).__name__}, expected a string")
+            if "id" in row:
+                sid = str(row["id"])
+        else:
+            text = line.rstrip("\r\n")
+        if not text.strip():
+            blank.append(lineno)
+        elif len(text) > max_chars:
+            huge.append(lineno)
+        else:
+            texts.append(text)  # as given: the cache key is over the exact texts the trainer sees too
+            ids.append(sid)
+            if limit is not None and len(texts) >= limit:
+                break
     skipped = {"blank_lines": blank, "too_long_lines": huge}
     if blank or huge:
         log.warning("%s: skipped %d blank line(s)%s and %d line(s) longer than %d characters%s; %d rows kept",
