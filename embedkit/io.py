@@ -102,26 +102,32 @@ def iter_jsonl(path: str | os.PathLike, example: str = '{"text": "...", "label":
     """Yield ``(line number, object)`` for every non-blank line; bad bytes, bad JSON and non-objects
     raise ``EmbedkitError`` naming the file and line."""
     for lineno, line, complete in iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            cut = "" if complete else (
-                "; it is the last line and has no line end: the file looks truncated (an interrupted copy "
-                "or download?)")
-            raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){cut}; each "
-                                f"line must be one object like {example}") from None
-        except RecursionError:
-            raise EmbedkitError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
-                                f"flat object like {example}") from None
-        if not isinstance(row, dict):
-            raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        bad = _lone_surrogate(row)
-        if bad is not None:
-            raise EmbedkitError(f"{path}:{lineno}: field '{bad}' holds an invalid \\u escape (a lone UTF-16 "
-                                "surrogate), which is not text; fix or remove the escape")
-        yield lineno, row
+        if line.strip():
+            yield lineno, parse_jsonl_line(path, lineno, line, complete, example)
+
+
+def parse_jsonl_line(path, lineno: int, line: str, complete: bool = True,
+                     example: str = '{"text": "...", "label": "..."}') -> dict:
+    """One JSONL line as an object; anything else raises ``EmbedkitError`` naming the file and line
+    (``complete``: the line ended with a line break, else a parse error is called a truncated file)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        cut = "" if complete else (
+            "; it is the last line and has no line end: the file looks truncated (an interrupted copy "
+            "or download?)")
+        raise EmbedkitError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}){cut}; each "
+                            f"line must be one object like {example}") from None
+    except RecursionError:
+        raise EmbedkitError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
+                            f"flat object like {example}") from None
+    if not isinstance(row, dict):
+        raise EmbedkitError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    bad = _lone_surrogate(row)
+    if bad is not None:
+        raise EmbedkitError(f"{path}:{lineno}: field '{bad}' holds an invalid \\u escape (a lone UTF-16 "
+                            "surrogate), which is not text; fix or remove the escape")
+    return row
 
 
 def _lone_surrogate(row: dict) -> str | None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from embedkit.errors import EmbedkitError, interrupts_as_messages
-from embedkit.io import atomic_write, iter_lines
+from embedkit.io import atomic_write, iter_lines, parse_jsonl_line
 
 log = logging.getLogger(__name__)
 
@@ -287,19 +287,13 @@ def read_source(path: str | Path, text_field: str | None = None, max_chars: int 
     is_jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
     texts, ids, blank, huge = [], [], [], []
     used_field, labelled = None, False
-    for lineno, line, _ in iter_lines(p):
+    for lineno, line, complete in iter_lines(p):
         if not line.strip():
             blank.append(lineno)
             continue
         sid = f"{p.name}:{lineno}"
         if is_jsonl:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EmbedkitError(f"{p}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
-                                    'like {"text": "..."}') from None
-            if not isinstance(row, dict):
-                raise EmbedkitError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            row = parse_jsonl_line(p, lineno, line, complete, example='{"text": "..."}')
             if used_field is None:
                 used_field = text_field or next((k for k in ("text", "anchor", "sentence") if k in row), None)
                 if used_field is None:

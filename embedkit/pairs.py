@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedkit.data import _first_sentence, stdlib_docstrings
+from embedkit.data import _first, _first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
 from embedkit.io import iter_jsonl
 
@@ -71,9 +71,8 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
             dupes.append(lineno)
         seen.add((anchors[-1], positives[-1]))
     if dupes:
-        log.warning("%s: %d duplicate pairs (lines %s%s); kept as given (a duplicate in the same batch is "
-                    "masked as a false negative)", file, len(dupes), ", ".join(map(str, dupes[:10])),
-                    ", ..." if len(dupes) > 10 else "")
+        log.warning("%s: %d duplicate pairs (lines %s); kept as given (a duplicate in the same batch is "
+                    "masked as a false negative)", file, len(dupes), _first(dupes))
     given = [n is not None for n in negatives]
     if any(given) and not all(given):
         first = given.index(not given[0]) + 1
