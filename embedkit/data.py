@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import logging
 import random
 import re
@@ -81,11 +82,29 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label",
             skipped.append(lineno)
             continue
         texts.append(text)
-        labels.append(str(row[label_field]))
+        labels.append(label_text(row[label_field], path, lineno, label_field))
         linenos.append(lineno)
     if skipped:
         log.warning("%s: skipped %d empty texts (lines %s)", path, len(skipped), _first(skipped))
     return texts, labels, {"skipped_empty": len(skipped), **data_quality(path, texts, labels, linenos)}
+
+
+def label_text(label, path, lineno: int, label_field: str = "label") -> str:
+    """A label as text: strings as given, integers (and integral floats such as ``3.0``) as ``"3"``.
+    Anything else (a list, an object, true/false, ``1.5``, NaN) raises ``EmbedkitError`` naming the
+    line: ``str()`` of it would silently invent labels (``["0"]`` and ``["1"]`` as two label strings)."""
+    if isinstance(label, str):
+        return label
+    if isinstance(label, int) and not isinstance(label, bool):
+        return str(label)
+    if isinstance(label, float) and label.is_integer():
+        return str(int(label))
+    kind = {bool: "a boolean", float: "a non-integral number", list: "a list", dict: "an object"}.get(
+        type(label), type(label).__name__)
+    shown = json.dumps(label, ensure_ascii=False)
+    raise EmbedkitError(f"{path}:{lineno}: '{label_field}' must be a string or an integer, got {kind} "
+                        f"({shown[:60]}{'...' if len(shown) > 60 else ''}); give one label per row, "
+                        'e.g. "label": "sports" or "label": 3')
 
 
 LONG_TEXT_CHARS = 100_000  # texts this long are reported; the encoder cuts every text to encode.max_length tokens

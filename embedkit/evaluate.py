@@ -73,6 +73,16 @@ def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
         self.data_loaded = True
 
     attrs = {"metadata": metadata, "load_data": load_data}
+    if evaluator == "legacy":
+        # mteb builds the legacy k-means evaluator without the task's seed (it always runs k-means with
+        # seed 42); hand the seed on, so eval.n_seeds > 1 really averages different k-means runs
+        from mteb._evaluators import ClusteringEvaluator as MtebClusteringEvaluator
+
+        class SeededClusteringEvaluator(MtebClusteringEvaluator):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **{**kwargs, "seed": seed})
+
+        attrs["evaluator"] = SeededClusteringEvaluator
     if evaluator == "v2":
         attrs.update(max_fraction_of_documents_to_embed=None, max_documents_per_cluster=len(cs.texts))
     task_cls = type(f"Local_{digest[:8]}", (base,), attrs)

@@ -8,6 +8,8 @@ kept per process, so the jobs of a Hydra multirun share one model.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -143,6 +145,79 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+# Files a model folder needs (what ``save_pretrained`` of a model and its tokenizer writes). Weights may be
+# sharded (model-00001-of-00002.safetensors); a tokenizer needs a vocabulary file of some kind.
+_WEIGHTS = ("*.safetensors", "*.bin")
+_TOKENIZER = ("tokenizer.json", "*.model", "*.tiktoken", "*vocab*")
+
+
+def check_name_or_path(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """Stop with a message naming the missing file when ``name_or_path`` is a local path that is not a
+    loadable model folder (no such folder; no config.json, weights or tokenizer files in it). Hub ids
+    pass; cheap (file names only), so the config check (``embedkit.schema``) calls it before any work."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        if _looks_like_path(name_or_path):
+            raise EmbedkitError(
+                f"{key}={name_or_path!r}: no such folder. Give an existing model folder "
+                "(with config.json) or a hub id like 'Qwen/Qwen3-0.6B'"
+            )
+        return
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    has = lambda patterns: any(fnmatch.fnmatch(n, pat) for n in names for pat in patterns)  # noqa: E731
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json (the model's architecture)")
+    if not any(fnmatch.fnmatch(n, pat) and not n.startswith("adapter_model") for n in names for pat in _WEIGHTS):
+        missing.append("the weights (model.safetensors or pytorch_model.bin, or their shards *.safetensors / *.bin)")
+    if not has(_TOKENIZER):
+        missing.append("the tokenizer files (tokenizer.json, or a vocabulary such as tokenizer.model or "
+                       "vocab.json + merges.txt, with tokenizer_config.json)")
+    if not missing:
+        return
+    hints = []
+    if "adapter_config.json" in names:
+        hints.append("it holds a peft adapter (adapter_config.json): load its base model and pass the folder as "
+                     "model.adapter=... instead")
+    elif has(("*.gguf",)):
+        hints.append("it holds a GGUF file, which is read only from a package (model.gguf_package); convert it "
+                     "once with transformers: AutoModel/AutoTokenizer.from_pretrained(folder, gguf_file=...) "
+                     "then save_pretrained(new_folder)")
+    elif names:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        hints.append(f"it holds {shown}")
+    else:
+        hints.append("it is empty")
+    raise EmbedkitError(
+        f"{key}={name_or_path!r} is not a model folder: missing {'; '.join(missing)}; {hints[0]}. "
+        "Point it at a folder written by save_pretrained of the model and its tokenizer, give a hub id "
+        "(e.g. 'Qwen/Qwen3-0.6B', with EMBEDKIT_ONLINE=1), or use model=smollm2-135m"
+    )
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Turn transformers' (and the hub's) progress bars, e.g. "Loading weights", off inside the block
+    when ``enabled`` is false; the previous setting is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()  # (turns the hub's bars on too)
+        if hub_was_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
+
+
 def load_backbone(
     name: str | None = None,
     name_or_path: str | None = None,
@@ -155,18 +230,17 @@ def load_backbone(
     adapter: str | None = None,
     cache_dir: str = "~/.cache/embedkit/models",
     quantization: str | None = None,
+    show_progress: bool = True,
 ) -> Backbone:
     """Load (or reuse from this process) the base model and tokenizer for embedding.
 
     ``quantization="4bit"|"8bit"`` loads the base weights through bitsandbytes (NF4 with double
-    quantization, compute in ``dtype``), the QLoRA setting; it needs a CUDA GPU and bitsandbytes."""
+    quantization, compute in ``dtype``), the QLoRA setting; it needs a CUDA GPU and bitsandbytes.
+    ``show_progress=False`` silences transformers' progress bars ("Loading weights") while loading."""
     if not name_or_path and not gguf_package:
         raise EmbedkitError("set model.name_or_path to a hub id or a local folder (or pick model=smollm2-135m)")
-    if name_or_path and _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
-        raise EmbedkitError(
-            f"model.name_or_path={name_or_path!r}: no such folder. Give an existing model folder "
-            "(with config.json) or a hub id like 'Qwen/Qwen3-0.6B'"
-        )
+    if name_or_path:
+        check_name_or_path(name_or_path)
     if adapter and not Path(adapter).expanduser().is_dir():
         raise EmbedkitError(f"model.adapter={adapter!r}: no such folder (expected a saved peft adapter)")
     dev = resolve_device(device)
@@ -183,7 +257,8 @@ def load_backbone(
         source = str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().is_dir() else name_or_path
         info = {"source": source, "revision": revision}
     else:
-        source = str(gguf_model_dir(gguf_package, cache_dir))
+        with progress_bars(show_progress):  # the one-time GGUF dequantization
+            source = str(gguf_model_dir(gguf_package, cache_dir))
         info = {"gguf_package": gguf_package,
                 "version": importlib.metadata.version(gguf_package.replace("_", "-"))}
     display = name or Path(str(name_or_path)).name
@@ -191,9 +266,10 @@ def load_backbone(
              attn_implementation)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
-                                          **quant_kwargs, **kwargs)
+        with progress_bars(show_progress):  # "Loading weights"
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                              **quant_kwargs, **kwargs)
     except OSError as e:
         raise EmbedkitError(
             f"could not load model '{source}': {str(e).splitlines()[0]}\n"

@@ -87,19 +87,23 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     logger.start(config, name=run_dir.name, group=group, job_type="train" if training else "eval", run_dir=run_dir)
     failed = True
     try:
-        backbone = instantiate(cfg.model)
+        backbone = instantiate(cfg.model, show_progress=cfg.encode.show_progress)
         t_model = time.perf_counter()
         make_encoder = lambda bb: Encoder(  # noqa: E731
             bb, prompt, max_length=cfg.encode.max_length, batch_size=cfg.encode.batch_size,
             max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
             cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None, compile=cfg.encode.compile)
+        if training:  # pairs that would train on nothing stop the run before any encoding
+            from embedkit.train import Trainer
+
+            if cfg.augmentation.name != "none":
+                pairs = augment_pairs(cfg, pairs)
+            Trainer.check_input(backbone, prompt, pairs, train_cfg, seed=cfg.seed)
         encoder = make_encoder(backbone)
         scores = evaluator.evaluate(encoder, pooling, sets)
         from_cache = {"scores": list(evaluator.cached_tasks)}
         extra = {}
         if training:
-            if cfg.augmentation.name != "none":
-                pairs = augment_pairs(cfg, pairs)
             extra, backbone = fine_tune(cfg, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory,
                                         logger, run_dir)
             extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))

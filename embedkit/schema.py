@@ -72,6 +72,11 @@ def validate(cfg: DictConfig) -> None:
     for group in _TARGET_GROUPS:
         if group in cfg and cfg[group] is not None:
             check_targets(group, cfg[group])
+    name_or_path = OmegaConf.select(cfg, "model.name_or_path", default=None, throw_on_resolution_failure=False)
+    if isinstance(name_or_path, str) and name_or_path:
+        from embedkit.models import check_name_or_path
+
+        check_name_or_path(name_or_path)  # a folder that is not a model: named before any work
 
 
 def check_section(prefix: str, node: DictConfig, schema: type) -> object:

@@ -156,15 +156,8 @@ class Trainer:
     def __init__(self, backbone: Backbone, prompt: Prompt, pooling: Pooling, pairs: PairSet, cfg: TrainConfig,
                  optimizer_factory, logger=None, checkpoint_dir: Path | None = None, seed: int = 0,
                  show_progress: bool = True) -> None:
-        self.cfg, self.prompt, self.pooling, self.pairs = cfg, prompt, pooling, pairs
-        self.logger, self.seed, self.show_progress = logger, seed, show_progress
-        self.rank, self.world = rank_and_world()
-        if cfg.batch_size % self.world:
-            raise EmbedkitError(f"train.batch_size={cfg.batch_size} must be divisible by the {self.world} ranks")
-        if cfg.batch_size > len(pairs):
-            raise EmbedkitError(f"train.batch_size={cfg.batch_size} is larger than the {len(pairs)} pairs of "
-                                f"{pairs.name}; lower train.batch_size or give more pairs")
-        self.tokenizer = backbone.tokenizer
+        self._prepare_pairs(backbone, prompt, pairs, cfg, seed)  # pairs that teach nothing stop here
+        self.pooling, self.logger, self.show_progress = pooling, logger, show_progress
         self.device = backbone.device
         self.base_name = backbone.name
         self.model = self._make_peft_model(backbone)
@@ -172,8 +165,6 @@ class Trainer:
         self.dtype = self._autocast_dtype()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(params)
-        self.steps_per_epoch = len(pairs) // cfg.batch_size
-        self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -183,23 +174,99 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.false_negatives = 0
+
+    @classmethod
+    def check_input(cls, backbone: Backbone, prompt: Prompt, pairs: PairSet, cfg: TrainConfig, seed: int = 0) -> None:
+        """Every check of the training input that needs only the tokenizer (no model copy, no forward);
+        ``embedkit.run`` calls it before the evaluation that precedes training."""
+        cls.__new__(cls)._prepare_pairs(backbone, prompt, pairs, cfg, seed)
+
+    def _prepare_pairs(self, backbone: Backbone, prompt: Prompt, pairs: PairSet, cfg: TrainConfig, seed: int) -> None:
+        """Tokenize the pairs, plan the batches and check them: no model work."""
+        self.cfg, self.prompt, self.pairs, self.seed = cfg, prompt, pairs, seed
+        self.rank, self.world = rank_and_world()
+        if cfg.batch_size % self.world:
+            raise EmbedkitError(f"train.batch_size={cfg.batch_size} must be divisible by the {self.world} ranks")
+        if cfg.batch_size > len(pairs):
+            raise EmbedkitError(f"train.batch_size={cfg.batch_size} is larger than the {len(pairs)} pairs of "
+                                f"{pairs.name}; lower train.batch_size or give more pairs")
+        self.tokenizer = backbone.tokenizer
+        self.steps_per_epoch = len(pairs) // cfg.batch_size
+        self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
         # tokenize once; the text is cut to max_length tokens before the prompt wraps it
         tok = lambda texts: tokenize(self.tokenizer, prompt, texts, cfg.max_length)  # noqa: E731
         self.anchor_ids = [t.ids for t in tok(pairs.anchors)]
         self.positive_ids = [t.ids for t in tok(pairs.positives)]
         self.negative_ids = [t.ids for t in tok(pairs.negatives)] if pairs.negatives else None
+        keys: dict[tuple[int, ...], int] = {}  # one integer per distinct token sequence (false negatives)
+        self._anchor_key = torch.tensor([keys.setdefault(t, len(keys)) for t in self.anchor_ids])
+        self._positive_key = torch.tensor([keys.setdefault(t, len(keys)) for t in self.positive_ids])
+        self._check_pairs()
+
+    def _check_pairs(self) -> None:
+        """Refuse pairs that would train on nothing: a batch whose every in-batch negative is masked as a
+        false negative, or SimCSE pairs (anchor == positive) whose two views cannot differ. Only the
+        token ids and the batch order are needed, so this runs before any model work."""
+        cfg, name = self.cfg, self.pairs.source or self.pairs.name
+        if self.negative_ids is not None:  # hard negatives are negatives whatever the batch holds
+            return
+        if cfg.negatives == "chunk" and cfg.chunk_size * self.world < 2:
+            raise EmbedkitError(f"train.negatives=chunk with train.chunk_size={cfg.chunk_size} on {self.world} "
+                                "rank(s): every loss sees a single pair and no negatives; raise train.chunk_size "
+                                "or use train.negatives=full")
+        for epoch in range(math.ceil(self.total_steps / self.steps_per_epoch)):
+            for pos, batch in enumerate(self.batches(epoch)):
+                step = epoch * self.steps_per_epoch + pos
+                if step >= self.total_steps:
+                    break
+                groups = [batch] if cfg.negatives == "full" else self._chunk_groups(batch)
+                if all(self._no_negatives(g) for g in groups):
+                    raise EmbedkitError(
+                        f"{name}: the batch of step {step + 1} ({len(batch)} pairs) has no negatives left: every "
+                        "other pair in it has the same anchor or the same positive (after cutting to "
+                        f"train.max_length={cfg.max_length} tokens), so all in-batch negatives are masked as false "
+                        "negatives and the loss would be 0 (training on nothing). Deduplicate the pairs, add more "
+                        "distinct pairs, or set train.mask_false_negatives=false")
+        same = sum(a == p for a, p in zip(self.anchor_ids, self.positive_ids))
+        if same and cfg.model_dropout == 0:
+            if same == len(self.anchor_ids):
+                raise EmbedkitError(
+                    f"{name}: every anchor equals its positive (SimCSE-style pairs) but train.model_dropout=0, so "
+                    "both views of a pair are the same embedding and there is no training signal (LoRA dropout "
+                    "does not help: lora_B starts at 0). Set train.model_dropout>0 (e.g. train.model_dropout=0.1) "
+                    "or make positives with an augmentation (e.g. augmentation=noise)")
+            log.warning("%s: %d of %d pairs have anchor == positive; with train.model_dropout=0 their two views "
+                        "are identical (set train.model_dropout>0 for SimCSE pairs)", name, same, len(self.anchor_ids))
+
+    def _chunk_groups(self, batch: list[int]) -> list[list[int]]:
+        """For ``negatives: chunk``: the pairs each chunk's loss sees, i.e. chunk k of every rank in rank
+        order (what ``_gather`` concatenates)."""
+        per_rank, size = len(batch) // self.world, self.cfg.chunk_size
+        slices = [batch[r * per_rank:(r + 1) * per_rank] for r in range(self.world)]
+        return [[i for sl in slices for i in sl[k:k + size]] for k in range(0, per_rank, size)]
+
+    def _no_negatives(self, idx: list[int]) -> bool:
+        if len(idx) < 2:
+            return True
+        if not self.cfg.mask_false_negatives:
+            return False
+        return int(self._same_text(idx).sum()) == len(idx) * (len(idx) - 1)
 
     def _make_peft_model(self, backbone: Backbone):
         from peft import LoraConfig, get_peft_model
 
-        model = copy.deepcopy(backbone.model)  # the loaded backbone stays untouched for other jobs
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        names = {n.rsplit(".", 1)[-1] for n, _ in backbone.model.named_modules()}
         missing = [m for m in self.cfg.target_modules if m not in names]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules()
                              if isinstance(m, torch.nn.Linear)})
             raise EmbedkitError(f"train.target_modules: {missing} not found in {backbone.name}; "
                                 f"its linear layers are named {linear}")
+        if self.cfg.model_dropout and not any(hasattr(m, "attention_dropout") for m in backbone.model.modules()):
+            raise EmbedkitError(f"train.model_dropout={self.cfg.model_dropout} has no effect on {backbone.name}: its "
+                                "attention modules have no attention_dropout; set train.model_dropout=0 (and make "
+                                "positives with an augmentation if anchors equal positives)")
+        model = copy.deepcopy(backbone.model)  # the loaded backbone stays untouched for other jobs
         if self.cfg.model_dropout:
             for module in model.modules():
                 if hasattr(module, "attention_dropout"):
@@ -257,17 +324,19 @@ class Trainer:
     def _split(self, reps: torch.Tensor, n: int):
         return reps[:n], reps[n:2 * n], (reps[2 * n:] if self.negative_ids is not None else None)
 
+    def _same_text(self, idx: list[int]) -> torch.Tensor:
+        """[n, n]: off-diagonal pairs of ``idx`` with the same anchor or the same positive tokens."""
+        a, p = self._anchor_key[idx], self._positive_key[idx]
+        ex = (a[:, None] == a[None, :]) | (p[:, None] == p[None, :])
+        return ex.fill_diagonal_(False)
+
     def _exclude(self, idx: list[int]) -> torch.Tensor | None:
         """Off-diagonal pairs with the same anchor or positive text: false negatives, masked out."""
         if not self.cfg.mask_false_negatives:
             return None
-        a = [self.anchor_ids[i] for i in idx]
-        p = [self.positive_ids[i] for i in idx]
-        ex = torch.tensor([[a[i] == a[j] or p[i] == p[j] for j in range(len(idx))] for i in range(len(idx))],
-                          device=self.device)
-        ex.fill_diagonal_(False)
+        ex = self._same_text(idx)
         self.false_negatives += int(ex.sum()) // 2
-        return ex
+        return ex.to(self.device)
 
     def _loss(self, a, p, n, exclude):
         c = self.cfg
@@ -319,12 +388,9 @@ class Trainer:
         self.model.train()
         if cfg.negatives == "chunk":  # plain accumulation: each chunk is its own small batch
             total = 0.0
-            for k, ch in enumerate(chunks):
+            for ch, gathered in zip(chunks, self._chunk_groups(batch)):
                 seqs, m = self._chunk_seqs(ch)
                 a, p, n = self._split(self._embed(seqs), m)
-                # the same chunk of every rank, in rank order (what _gather concatenates)
-                gathered = [i for r in range(self.world)
-                            for i in batch[r * per_rank:(r + 1) * per_rank][k * cfg.chunk_size:(k + 1) * cfg.chunk_size]]
                 loss = self._loss(_gather(a), _gather(p), None if n is None else _gather(n), self._exclude(gathered))
                 self._backward(loss * len(ch) / len(local))
                 total += float(loss.detach()) * len(ch) / len(local)

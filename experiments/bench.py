@@ -391,7 +391,8 @@ def child(args) -> dict:
         step = lambda i: trainer.step(i * n)  # noqa: E731
     else:
         cfg = TrainConfig(batch_size=n, chunk_size=p["train_micro"], negatives="full",
-                          max_length=p["train_max_length"], max_steps=p["train_steps"] + 1, warmup_steps=0)
+                          max_length=p["train_max_length"], max_steps=p["train_steps"] + 1, warmup_steps=0,
+                          model_dropout=0.05)  # as train=lora: the SimCSE pairs need real dropout
         pairset = PairSet(pairs.name, pairs.anchors, pairs.positives, None, pairs.source)
         trainer = Trainer(bb, EOL, Pooling("last", "last"), pairset, cfg,
                           lambda params: torch.optim.AdamW(params, lr=5e-5), show_progress=False)

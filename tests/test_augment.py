@@ -200,10 +200,68 @@ def test_mixed_methods(tmp_path):
     assert sorted(r["anchor"] for r in split.make_pairs(SENTENCES, tmp_path, show_progress=False)) == sorted(SENTENCES)
 
 
-@pytest.mark.parametrize("option", ["noise", "paraphrase", "backtranslation", "mix"])
-def test_every_option_meets_the_trainer_contract(option):
-    aug, _ = build_augmenter(option)
-    assert isinstance(aug.name, str) and callable(aug.make_pairs)
+PARAPHRASES = dict(zip(SENTENCES, [
+    "A committee gathered at the town hall to write new rules for the club.",
+    "Last spring the villages of the valley were flooded after heavy rain swelled the river.",
+    "At six she began to learn the violin, and at twelve she became a member of an orchestra.",
+    "Thanks to the new rail line, the journey between the two cities is almost an hour shorter.",
+]))
+GERMAN = {s: f"Das ist der deutsche Satz Nummer {i} zu diesem Thema." for i, s in enumerate(SENTENCES)}
+
+
+def canned_chat(calls):
+    """ChatModel.generate answering from the tables above: paraphrases, and both legs of a back-translation
+    (English -> GERMAN -> PARAPHRASES); records the sampling settings of every call."""
+    from_german = {g: s for s, g in GERMAN.items()}
+
+    def generate(self, conversations, *, temperature, top_p, max_new_tokens, batch_size, seed, progress=None,
+                 stats=None):
+        calls.append((temperature, top_p, max_new_tokens, batch_size))
+        answers = []
+        for conv in conversations:
+            instruction, text = conv[-1]["content"].split("\n\n", 1)
+            if instruction.startswith("Translate the following English text into German"):
+                answers.append(GERMAN[text])
+            elif instruction.startswith("Translate the following German text into English"):
+                answers.append(PARAPHRASES[from_german[text]])
+            else:
+                answers.append(PARAPHRASES[text])
+        return [(a, True) for a in answers]
+
+    return generate
+
+
+@pytest.mark.parametrize("option, expected_calls", [
+    ("noise", []),
+    ("paraphrase", [(0.6, 0.9, 100, 16)]),               # conf/augmentation/paraphrase.yaml: the paper's sampling
+    ("backtranslation", [(0.3, 0.9, 120, 16)] * 2),      # to German, then back
+    ("mix", [(0.6, 0.9, 100, 16)]),                      # paraphrase + noise
+])
+def test_every_option_meets_the_trainer_contract(option, expected_calls, tmp_path, monkeypatch):
+    """What `train=lora augmentation=<option>` does with the pairs (embedkit.run.augment_pairs): the
+    configured augmenter turns the distinct anchors into (anchor, positive) pairs with the configured
+    settings, and a second run reads them from the pair cache without generating."""
+    from hydra import compose, initialize_config_module
+
+    from embedkit.pairs import PairSet
+    from embedkit.run import augment_pairs
+
+    calls = []
+    monkeypatch.setattr(ChatModel, "generate", canned_chat(calls))
+    with initialize_config_module("embedkit.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"augmentation={option}", f"paths.output_root={tmp_path / 'outputs'}"])
+    given = PairSet("wiki", SENTENCES + SENTENCES[:1], SENTENCES + SENTENCES[:1])  # a repeated anchor
+    out = augment_pairs(cfg, given)
+    noised = [r["positive"] for r in NoiseAugmenter().make_pairs(SENTENCES, tmp_path / "ref", show_progress=False)]
+    views = {"noise": noised, "paraphrase": [PARAPHRASES[s] for s in SENTENCES],
+             "backtranslation": [PARAPHRASES[s] for s in SENTENCES],
+             "mix": noised + [PARAPHRASES[s] for s in SENTENCES]}[option]  # mix: its methods in name order
+    assert out.name == f"wiki+{cfg.augmentation.name}" and out.source == given.source and out.negatives is None
+    assert out.anchors == SENTENCES * (2 if option == "mix" else 1)  # each distinct anchor once per method
+    assert out.positives == views
+    assert calls == expected_calls
+    again = augment_pairs(cfg, given)
+    assert (again.anchors, again.positives) == (out.anchors, out.positives) and calls == expected_calls
 
 
 # ------------------------------------------------------------------ generation logic with a fake model

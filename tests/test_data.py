@@ -43,6 +43,11 @@ def test_subsample_is_seeded_and_keeps_file_order(clustering_root):
         ([row("a", "x"), row("b", "x")], r"bad\.jsonl: 2 rows but 1 distinct label"),
         ([row("a", "x"), "[1, 2]"], r"bad\.jsonl:2: expected a JSON object"),
         ([row("a", "x"), json.dumps({"text": 5, "label": "y"})], r"bad\.jsonl:2: 'text' must be a string"),
+        # a label that is not one string or integer would be str()-ed into an invented label
+        ([row("a", "x"), row("b", ["0"])], r"bad\.jsonl:2: 'label' must be a string or an integer, got a list \(\[\"0\"\]\)"),
+        ([row("a", "x"), row("b", {"id": 1})], r"bad\.jsonl:2: 'label' must be a string or an integer, got an object"),
+        ([row("a", "x"), row("b", "y"), row("c", True)], r"bad\.jsonl:3: 'label' must be .* got a boolean \(true\)"),
+        ([row("a", "x"), row("b", 1.5)], r"bad\.jsonl:2: 'label' must be .* got a non-integral number \(1\.5\)"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, lines, message):
@@ -76,6 +81,12 @@ def test_other_field_names(tmp_path):
                                  [("a", 1), ("b", 2), ("c", 1)]])
     (s,) = load_jsonl_folder(str(tmp_path), text_field="sentence", label_field="topic")
     assert s.labels == ["1", "2", "1"]
+
+
+def test_integer_labels_are_text_and_integral_floats_are_integers(tmp_path):
+    write(tmp_path / "d.jsonl", [row("a", 1), row("b", 2.0), row("c", "2"), row("d", -3), row("e", "x")])
+    (s,) = load_jsonl_folder(str(tmp_path))
+    assert s.labels == ["1", "2", "2", "-3", "x"] and s.n_labels == 4  # 2.0, 2 and "2" are one label
 
 
 def test_stdlib_demo_set_is_real_labelled_text_and_deterministic():

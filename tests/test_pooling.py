@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,11 @@ def test_every_pooling_matches_a_hand_computation_on_a_left_padded_batch(encoder
         }
         for mode, vec in expected.items():
             np.testing.assert_allclose(pooled[mode][i], vec.numpy(), rtol=1e-4, atol=2e-4, err_msg=mode)
+        # concat: [mean / |mean|, last / |last|] of the same hand-computed vectors
+        concat = Pooling("concat", "concat").select(pooled)[i]
+        dim = h.shape[1]
+        np.testing.assert_allclose(concat[:dim], (expected["mean"] / expected["mean"].norm()).numpy(), atol=1e-5)
+        np.testing.assert_allclose(concat[dim:], (expected["last"] / expected["last"].norm()).numpy(), atol=1e-5)
 
 
 def test_concat_and_normalize():
@@ -45,7 +52,10 @@ def test_concat_and_normalize():
               ("mean", "last", "eos", "weighted_mean")}
     cat = Pooling("concat", "concat").select(pooled)
     assert cat.shape == (3, 10)
-    np.testing.assert_allclose(np.linalg.norm(cat[:, :5], axis=1), 1, rtol=1e-5)
+    for half, mode in ((cat[:, :5], "mean"), (cat[:, 5:], "last")):
+        np.testing.assert_allclose(half, pooled[mode] / np.linalg.norm(pooled[mode], axis=1, keepdims=True), rtol=1e-6)
+    torch_cat = Pooling("concat", "concat", normalize=True).select({m: torch.from_numpy(v) for m, v in pooled.items()})
+    np.testing.assert_allclose(torch_cat.numpy(), cat / np.sqrt(2), rtol=1e-6)  # two unit halves: norm sqrt(2)
     unit = Pooling("mean", "mean", normalize=True).select(pooled)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, rtol=1e-5)
     np.testing.assert_array_equal(Pooling("last", "last").select(pooled), pooled["last"])
@@ -56,7 +66,10 @@ def test_unknown_pooling_mode_names_the_choices():
         Pooling("x", "meen")
 
 
-def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backbone, tmp_path):
+def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backbone, tmp_path, monkeypatch, caplog):
+    import embedkit.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "_MEMO", {})  # no embeddings of earlier tests in memory
     calls = []
     hook = backbone.model.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -70,7 +83,20 @@ def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backb
         again = Encoder(backbone, Prompt("none", "{text}"), max_length=32, batch_size=2, cache_dir=tmp_path,
                         show_progress=False)
         np.testing.assert_array_equal(again.encode(texts, Pooling("eos", "eos")), vectors["eos"])
-        assert len(calls) == 2 and again.cache_hits == 1  # a re-run does no model work
+        assert len(calls) == 2 and again.cache_hits == 1  # a re-run does no model work (served from memory)
+        # the file on disk, as a new process sees it: the in-memory copy is gone
+        (stored,) = tmp_path.rglob("*.npz")
+        encoder_module._MEMO.clear()
+        fresh = Encoder(backbone, Prompt("none", "{text}"), max_length=32, batch_size=2, cache_dir=tmp_path,
+                        show_progress=False)
+        with caplog.at_level(logging.INFO, logger="embedkit.encoder"):
+            from_disk = fresh.encode_all(texts)
+        assert f"encoding: {len(texts)} texts from the embedding cache" in caplog.text  # the file, not memory
+        assert len(calls) == 2 and fresh.forward_calls == 0 and fresh.texts_encoded == 0 and fresh.cache_hits == 1
+        for p in MODES:
+            np.testing.assert_array_equal(Pooling(p, p).select(from_disk), vectors[p], err_msg=p)
+        with np.load(stored) as z:
+            np.testing.assert_array_equal(z["mean"], vectors["mean"])
         assert not list(tmp_path.rglob("*.tmp"))  # no temp files left behind
     finally:
         hook.remove()

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
+from omegaconf import OmegaConf
 
 from embedkit.errors import EmbedkitError
 from embedkit.prompts import Prompt, special_prefix, tokenize
@@ -34,12 +35,24 @@ def test_prompt_configs_hold_the_paper_templates(name):
 
 
 def test_every_config_group_option_composes_and_instantiates(tmp_path):
+    """Each option builds its ``_target_`` class with exactly the values its YAML file gives."""
     conf = Path(__import__("embedkit.conf").conf.__path__[0])
     for group in ("prompt", "pooling", "logger"):
         for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
             with initialize_config_module("embedkit.conf", version_base="1.3"):
                 cfg = compose("config", overrides=[f"{group}={option}", f"paths.output_root={tmp_path}"])
-            assert instantiate(cfg[group]) is not None, (group, option)
+            values = OmegaConf.to_container(cfg[group], resolve=True)
+            obj = instantiate(cfg[group])
+            assert type(obj) is get_object(values.pop("_target_")), (group, option)
+            if group != "logger":
+                assert values["name"] == option, (group, option)  # results name the option
+            for key, value in values.items():
+                got = getattr(obj, key)
+                if key == "mode" and value == "auto":  # wandb: offline without WANDB_API_KEY (conftest drops it)
+                    value = "offline"
+                assert got == (Path(value) if isinstance(got, Path) else value), (group, option, key)
+            if group == "logger" and option == "csv":
+                assert obj.path == tmp_path / "runs.csv"
 
 
 @pytest.mark.parametrize("template", ["no placeholder", "{text} and {text}", "{txt}"])

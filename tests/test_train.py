@@ -1,5 +1,6 @@
 """The contrastive trainer on the embedded model (CPU, fp32, tiny settings)."""
 
+import contextlib
 import json
 import math
 
@@ -33,6 +34,26 @@ def make(backbone, pairs, tmp_path=None, lr=1e-3, **kw):
                    checkpoint_dir=tmp_path, seed=0, show_progress=False)
 
 
+def hand_info_nce(a, p, t, negatives=(), margin=0.0, exclude=None, symmetric=False):
+    """InfoNCE in python floats, one row at a time: the positive (minus the margin) against every other
+    candidate that is not excluded; the reverse direction (positives -> anchors) has no hard negatives and
+    excludes a_j for p_i where the pair (a_j, p_i) is marked, i.e. ``exclude[j][i]``."""
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+
+    def one_way(q, c, extra, masked):
+        total = 0.0
+        for i in range(len(q)):
+            pos = (cos(q[i], c[i]) - margin) / t
+            logits = [pos] + [cos(q[i], c[j]) / t for j in range(len(c)) if j != i and not masked(i, j)]
+            logits += [cos(q[i], x) / t for x in extra]
+            total += -(pos - math.log(sum(math.exp(x) for x in logits)))
+        return total / len(q)
+
+    marked = lambda i, j: exclude is not None and bool(exclude[i][j])  # noqa: E731
+    forward = one_way(a, p, list(negatives), marked)
+    return (forward + one_way(p, a, [], lambda i, j: marked(j, i))) / 2 if symmetric else forward
+
+
 def test_info_nce_matches_a_hand_computation():
     g = torch.Generator().manual_seed(0)
     a, p, n = (torch.randn(k, 6, generator=g) for k in (4, 4, 2))
@@ -44,42 +65,125 @@ def test_info_nce_matches_a_hand_computation():
         logits = [(cos(a[i], c) - (m if j == i else 0)) / t for j, c in enumerate(cands)]
         expected += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
     assert float(info_nce(a, p, t, negatives=n, margin=m)) == pytest.approx(expected / 4, rel=1e-5)
-    # symmetric = mean of both directions; excluded pairs drop out of the denominator
-    sym = float(info_nce(a, p, t, symmetric=True))
-    assert sym == pytest.approx((float(info_nce(a, p, t)) + float(info_nce(p, a, t))) / 2, rel=1e-5)
+    assert hand_info_nce(a, p, t, n, m) == pytest.approx(expected / 4, rel=1e-9)  # the helper below is the same
+    # symmetric: the mean of anchors -> positives and positives -> anchors, each by hand
+    back = sum(-((cos(p[i], a[i]) - m) / t - math.log(math.exp((cos(p[i], a[i]) - m) / t) + sum(
+        math.exp(cos(p[i], a[j]) / t) for j in range(4) if j != i))) for i in range(4)) / 4
+    forward = hand_info_nce(a, p, t, margin=m)
+    assert float(info_nce(a, p, t, symmetric=True, margin=m)) == pytest.approx((forward + back) / 2, rel=1e-5)
+    assert abs(back - forward) > 1e-3  # the two directions differ: an average of one direction twice would fail
+    # excluded pairs drop out of the denominator; a mark on the diagonal is ignored (the positive stays);
+    # the marks are not symmetric, so the reverse direction must read them transposed
     ex = torch.zeros(4, 4, dtype=torch.bool)
-    ex[0, 1] = True
-    logits0 = [cos(a[0], c) / t for j, c in enumerate(p) if j != 1]
-    masked = float(torch.nn.functional.cross_entropy(
-        (torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(p, dim=1).T / t)
-        .masked_fill(ex, float("-inf")), torch.arange(4), reduction="none")[0])
-    assert masked == pytest.approx(-(logits0[0] - math.log(sum(math.exp(x) for x in logits0))), rel=1e-5)
+    ex[0, 1] = ex[0, 3] = ex[2, 0] = ex[3, 3] = True
+    row0 = [(cos(a[0], p[0]) - m) / t, cos(a[0], p[2]) / t] + [cos(a[0], x) / t for x in n]  # p1, p3 excluded
+    by_hand = hand_info_nce(a, p, t, n, m, exclude=ex)
+    assert by_hand != pytest.approx(hand_info_nce(a, p, t, n, m), rel=1e-3)  # the marks change the loss
+    one = hand_info_nce(a[:1], p[:1], t, list(p[2:3]) + list(n), m)  # row 0 alone: its candidates are p2, n
+    assert one == pytest.approx(-(row0[0] - math.log(sum(math.exp(x) for x in row0))), rel=1e-9)
+    assert float(info_nce(a, p, t, exclude=ex)) == pytest.approx(hand_info_nce(a, p, t, exclude=ex), rel=1e-5)
+    assert float(info_nce(a, p, t, negatives=n, margin=m, exclude=ex)) == pytest.approx(by_hand, rel=1e-5)
+    for negatives in (None, n):
+        got = float(info_nce(a, p, t, negatives=negatives, margin=m, exclude=ex, symmetric=True))
+        want = hand_info_nce(a, p, t, () if negatives is None else n, m, exclude=ex, symmetric=True)
+        assert got == pytest.approx(want, rel=1e-5), negatives
+    # the reverse direction is the forward one from positives to anchors with the marks transposed, and
+    # reading them untransposed would give another value
+    reverse = hand_info_nce(p, a, t, margin=m, exclude=ex.T)
+    assert float(info_nce(a, p, t, negatives=n, margin=m, exclude=ex, symmetric=True)) == pytest.approx(
+        (by_hand + reverse) / 2, rel=1e-5)
+    assert reverse != pytest.approx(hand_info_nce(p, a, t, margin=m, exclude=ex), rel=1e-3)
+    # every off-diagonal pair excluded and no hard negative: nothing to contrast, the loss is exactly 0
+    everything = ~torch.eye(4, dtype=torch.bool)
+    assert float(info_nce(a, p, t, exclude=everything, symmetric=True)) == 0.0
+    assert float(info_nce(a, p, t, negatives=n, exclude=everything)) == pytest.approx(
+        hand_info_nce(a, p, t, n, exclude=everything), rel=1e-5)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradcache_gives_the_full_batch_loss_and_gradients(backbone, pairs, checkpointing):
-    full = make(backbone, pairs, batch_size=8, chunk_size=8)
-    cached = make(backbone, pairs, batch_size=8, chunk_size=3,  # chunks of 3, 3, 2 pairs
-                  gradient_checkpointing=checkpointing)
-    with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient; same weights in both
-        for (name, p1), (_, p2) in zip(full.model.named_parameters(), cached.model.named_parameters()):
+def same_lora_weights(*trainers, seed=7):
+    """Non-zero lora_B (so LoRA dropout and every LoRA matrix matter), the same weights in every trainer."""
+    g = torch.Generator().manual_seed(seed)
+    params = [dict(t.model.named_parameters()) for t in trainers]
+    with torch.no_grad():
+        for name, prm in params[0].items():
             if "lora_B" in name:
-                p1.normal_(0, 0.02)
-            if p1.requires_grad:
-                p2.copy_(p1)
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+            if prm.requires_grad:
+                for other in params[1:]:
+                    other[name].copy_(prm)
+
+
+def lora_grads(t):
+    return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_close(got, want):
+    assert got.keys() == want.keys() and len(want) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def max_grad_difference(got, want):
+    return max(float((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)) for n in want)
+
+
+def test_gradcache_gives_the_full_batch_loss_and_gradients(backbone, pairs):
+    """Without dropout, chunks of 3 + 3 + 2 pairs give what one pass over the 8 pairs gives."""
+    full = make(backbone, pairs, batch_size=8, chunk_size=8)
+    cached = make(backbone, pairs, batch_size=8, chunk_size=3)
+    same_lora_weights(full, cached)
     batch = list(range(8))
     l1, l2 = full.accumulate_gradients(batch), cached.accumulate_gradients(batch)
     assert l1 == pytest.approx(l2, rel=1e-5)
-    n = 0
-    for (name, p1), (_, p2) in zip(full.model.named_parameters(), cached.model.named_parameters()):
-        if p1.requires_grad:
-            torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-3, atol=1e-6, msg=name)
-            n += 1
-    assert n > 0
+    assert_grads_close(lora_grads(cached), lora_grads(full))
     # plain accumulation with the same chunks is a different (12-way-style) loss: it must differ
     accum = make(backbone, pairs, batch_size=8, chunk_size=3, negatives="chunk")
     accum.model.load_state_dict(cached.model.state_dict())
     assert abs(accum.accumulate_gradients(batch) - l1) > 1e-3
+
+
+DROPOUT = dict(dropout=0.1, model_dropout=0.1)  # LoRA dropout and attention dropout, as the paper trains
+
+
+def graph_loss(t, batch, seed):
+    """The full-batch loss with one autograd graph through every chunk: the chunks GradCache makes (pairs
+    sorted longest first, ``chunk_size`` at a time), encoded in its order from the random state ``seed``,
+    so each chunk draws the dropout masks GradCache's first pass draws."""
+    order = sorted(batch, key=lambda i: -(len(t.anchor_ids[i]) + len(t.positive_ids[i])))
+    chunks = [order[i:i + t.cfg.chunk_size] for i in range(0, len(order), t.cfg.chunk_size)]
+    torch.manual_seed(seed)
+    t.model.train()
+    parts = [t._split(t._embed(t._chunk_seqs(ch)[0]), len(ch)) for ch in chunks]
+    return info_nce(torch.cat([x[0] for x in parts]), torch.cat([x[1] for x in parts]), t.cfg.temperature)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradcache_replays_the_dropout_masks(backbone, pairs, checkpointing):
+    """With LoRA and attention dropout, GradCache's loss and LoRA gradients are those of the full-batch
+    graph with the same masks; the test would catch a replay that draws other masks."""
+    batch = list(range(8))
+    cached = make(backbone, pairs, batch_size=8, chunk_size=3, gradient_checkpointing=checkpointing, **DROPOUT)
+    ref = make(backbone, pairs, batch_size=8, chunk_size=3, **DROPOUT)
+    same_lora_weights(cached, ref)
+    torch.manual_seed(5)
+    loss = cached.accumulate_gradients(batch)
+    expected = graph_loss(ref, batch, seed=5)
+    expected.backward()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    want = lora_grads(ref)
+    assert_grads_close(lora_grads(cached), want)
+    # sanity: dropout is active, so another random state gives another loss and other gradients
+    ref.model.zero_grad(set_to_none=True)
+    other = graph_loss(ref, batch, seed=6)
+    other.backward()
+    assert abs(float(other) - float(expected)) > 1e-3
+    assert max_grad_difference(lora_grads(ref), want) > 0.05
+    # and a replay that does not restore the first pass's random state gets the gradients wrong
+    cached.model.zero_grad(set_to_none=True)
+    cached._replay = lambda state: contextlib.nullcontext()
+    torch.manual_seed(5)
+    assert cached.accumulate_gradients(batch) == pytest.approx(loss, rel=1e-6)  # the same first pass
+    assert max_grad_difference(lora_grads(cached), want) > 0.05
 
 
 def test_loss_goes_down_and_checkpoints_resume_to_the_same_result(backbone, pairs, tmp_path):
