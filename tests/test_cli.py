@@ -238,3 +238,45 @@ def test_named_mteb_tasks_fail_offline_with_a_clear_message(tmp_path, overrides,
     r = run_cli(*overrides, "logger=none", cwd=tmp_path, timeout=180)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "loading model" not in r.stderr + r.stdout
+
+
+def test_multirun_with_noise_augmentation_trains_one_adapter_per_job(tmp_path, clustering_root):
+    """`embedkit -m train=lora augmentation=noise optimizer.lr=a,b`: two jobs, each with its own trainer,
+    checkpoint folder and adapter; the noise views are generated once (the second job reads the pair
+    cache) and are what both jobs trained on; the base model's scores are shared through the caches."""
+    pairs = clustering_root.parent / "pairs" / "clinc150_same_intent" / "train.jsonl"
+    sweep = tmp_path / "sweep"
+    r = run_cli("-m", "data=jsonl", f"data.root={clustering_root}", "data.include=[twentynewsgroups/test.jsonl]",
+                "data.max_rows=40", "logger=none", "encode.max_length=12", "encode.show_progress=false",
+                "model.dtype=float32", "pooling=mean", "train=lora", "augmentation=noise", "pairs=jsonl",
+                f"pairs.path={pairs}", "pairs.max_rows=8", "train.batch_size=8", "train.chunk_size=8",
+                "train.max_steps=1", "train.warmup_steps=0", "train.max_length=12", "optimizer.lr=1e-3,3e-3",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [j["job"] for j in jobs] == [0, 1] and [j["config"]["optimizer"]["lr"] for j in jobs] == [1e-3, 3e-3]
+    for j in jobs:
+        assert j["train"]["steps"] == 1 and Path(j["adapter_dir"]).parent == Path(j["run_dir"])
+        assert j["config"]["augmentation"]["name"] == "noise"
+        assert j["mean"] != pytest.approx(j["mean_before"], abs=1e-6)  # the adapter changed the embeddings
+    assert jobs[0]["scores_before"] == jobs[1]["scores_before"]  # one base model, one score
+    assert jobs[0]["from_cache"]["scores_before"] == [] and jobs[0]["from_cache"]["scores"] == []
+    assert jobs[1]["from_cache"]["scores_before"] == ["twentynewsgroups/test"]  # the base model: scored once
+    assert jobs[1]["from_cache"]["scores"] == []  # the tuned model: its own adapter, its own score
+    assert len({j["train"]["checkpoint_dir"] for j in jobs}) == 2  # lr is in the checkpoint key
+    weights = []
+    for j in jobs:
+        from safetensors.numpy import load_file
+
+        weights.append(load_file(str(Path(j["adapter_dir"]) / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert max(np.abs(weights[0][k] - weights[1][k]).max() for k in weights[0]) > 1e-6  # two trainers, two results
+    # the pair cache: one file of noise views of the 8 anchors, written by the first job and read by the second
+    (cached,) = (tmp_path / "outputs" / "cache" / "pairs").rglob("*.jsonl")
+    rows = [json.loads(line) for line in cached.read_text().splitlines()]
+    from embedkit.pairs import load_pairs
+
+    anchors = load_pairs(str(pairs), max_rows=8, seed=0).anchors  # what pairs.max_rows=8 drew
+    assert [row["anchor"] for row in rows] == list(dict.fromkeys(anchors))
+    assert all(row["positive"] != row["anchor"] for row in rows)
+    assert all(j["train"]["pairs_seen"] == 8 for j in jobs)
