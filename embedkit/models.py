@@ -283,6 +283,11 @@ def load_backbone(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+        if not quant_kwargs:
+            # fold the adapter into the weights, as the trainer does for its own evaluation: the same
+            # arithmetic (so a reloaded adapter reproduces the run's embeddings also in bf16), and encoding
+            # costs what the base model costs; quantized weights keep the adapter beside them
+            model = model.merge_and_unload()
         info["adapter"] = str(Path(adapter).expanduser().resolve())
         info["adapter_mtime"] = max(p.stat().st_mtime_ns for p in Path(adapter).expanduser().rglob("*"))
     if not quant_kwargs:  # quantized weights are placed by from_pretrained
