@@ -167,13 +167,18 @@ def augment_pairs(cfg: DictConfig, pairs):
                    None, pairs.source)
 
 
+def checkpoint_key(cfg: DictConfig, train_cfg) -> str:
+    """The checkpoint folder's key: the training settings and every config node the run trains on."""
+    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prompt", "pooling", "pairs",
+                                                                     "augmentation", "optimizer")]
+    return train_cfg.fingerprint(*parts, cfg.seed)
+
+
 def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory, logger, run_dir):
     """Train a LoRA adapter with the shared trainer; returns (results fields, tuned backbone)."""
     from embedkit.train import Trainer
 
-    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prompt", "pooling", "pairs",
-                                                                     "augmentation", "optimizer")]
-    key = train_cfg.fingerprint(*parts, cfg.seed)
+    key = checkpoint_key(cfg, train_cfg)
     checkpoint_dir = Path(cfg.paths.output_root) / "checkpoints" / f"{backbone.name}-{train_cfg.name}-{key}"
     trainer = Trainer(backbone, prompt, pooling, pairs, train_cfg, optimizer_factory, logger=logger,
                       checkpoint_dir=checkpoint_dir, seed=cfg.seed, show_progress=cfg.encode.show_progress)
