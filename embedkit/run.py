@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from embedkit.encoder import Encoder
+from embedkit.embed.encoder import Encoder
 from embedkit.io import write_json
 from embedkit.loggers import NullLogger
 from embedkit.schema import check_writable, validate
@@ -67,7 +67,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     sets = instantiate(cfg.data)
     training = cfg.train.name != "none"
     if training:
-        from embedkit.train import TrainConfig
+        from embedkit.train.trainer import TrainConfig
 
         train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
         pairs = instantiate(cfg.pairs)
@@ -80,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     log.info("run %s on %d task(s): %s", names, len(sets), ", ".join(s.name for s in sets))
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    from embedkit.train import rank_and_world
+    from embedkit.train.trainer import rank_and_world
 
     main_process = rank_and_world()[0] == 0  # under torchrun only rank 0 logs and writes results
     logger = instantiate(cfg.logger) if main_process else NullLogger()
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
             cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None, compile=cfg.encode.compile)
         if training:  # pairs that would train on nothing stop the run before any encoding
-            from embedkit.train import Trainer
+            from embedkit.train.trainer import Trainer
 
             if cfg.augmentation.name != "none":
                 pairs = augment_pairs(cfg, pairs)
@@ -158,7 +158,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
 
 def augment_pairs(cfg: DictConfig, pairs):
     """Replace the positives by views generated from the anchors (``augmentation`` group)."""
-    from embedkit.pairs import PairSet
+    from embedkit.data.pairs import PairSet
 
     aug = instantiate(cfg.augmentation)
     rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=Path(cfg.paths.output_root) / "cache" / "pairs",
@@ -167,16 +167,36 @@ def augment_pairs(cfg: DictConfig, pairs):
                    None, pairs.source)
 
 
+# Config targets as they were spelled before the stage packages: the checkpoint key hashes the config
+# nodes, targets included, so a moved target is hashed under its old name and old checkpoints resume.
+LEGACY_TARGETS = {
+    "embedkit.embed.load_backbone": "embedkit.models.load_backbone",
+    "embedkit.embed.Prompt": "embedkit.prompts.Prompt",
+    "embedkit.embed.Pooling": "embedkit.pooling.Pooling",
+    "embedkit.data.load_pairs": "embedkit.pairs.load_pairs",
+    "embedkit.data.stdlib_pairs": "embedkit.pairs.stdlib_pairs",
+}
+
+
+def _legacy_targets(node):
+    if isinstance(node, dict):
+        return {k: LEGACY_TARGETS.get(v, v) if k == "_target_" else _legacy_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_legacy_targets(v) for v in node]
+    return node
+
+
 def checkpoint_key(cfg: DictConfig, train_cfg) -> str:
-    """The checkpoint folder's key: the training settings and every config node the run trains on."""
-    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prompt", "pooling", "pairs",
-                                                                     "augmentation", "optimizer")]
+    """The checkpoint folder's key: the training settings and every config node the run trains on
+    (with the ``_target_`` names of ``LEGACY_TARGETS``, so keys survive code moves)."""
+    parts = [_legacy_targets(OmegaConf.to_container(cfg[k], resolve=True))
+             for k in ("model", "prompt", "pooling", "pairs", "augmentation", "optimizer")]
     return train_cfg.fingerprint(*parts, cfg.seed)
 
 
 def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory, logger, run_dir):
     """Train a LoRA adapter with the shared trainer; returns (results fields, tuned backbone)."""
-    from embedkit.train import Trainer
+    from embedkit.train.trainer import Trainer
 
     key = checkpoint_key(cfg, train_cfg)
     checkpoint_dir = Path(cfg.paths.output_root) / "checkpoints" / f"{backbone.name}-{train_cfg.name}-{key}"
@@ -192,7 +212,7 @@ def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, opti
     tuned = trainer.tuned_backbone(backbone, adapter)
     out = {"train": summary, "adapter_dir": str(adapter)}
     if train_cfg.export:
-        from embedkit.export import export_sentence_transformers
+        from embedkit.train.export import export_sentence_transformers
 
         out["sentence_transformers_dir"] = str(export_sentence_transformers(
             tuned, prompt, pooling, cfg.encode.max_length, run_dir / "sentence-transformers"))

@@ -66,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
         raise EmbedkitError(f"seed={seed!r}: expected an integer (e.g. seed=0)")
     check_section("encode", cfg.encode, EncodeConfig)
     if cfg.train.name != "none":
-        from embedkit.train import TrainConfig
+        from embedkit.train.trainer import TrainConfig
 
         check_section("train", cfg.train, TrainConfig)
     for group in _TARGET_GROUPS:
@@ -74,7 +74,7 @@ def validate(cfg: DictConfig) -> None:
             check_targets(group, cfg[group])
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", default=None, throw_on_resolution_failure=False)
     if isinstance(name_or_path, str) and name_or_path:
-        from embedkit.models import check_name_or_path
+        from embedkit.embed.models import check_name_or_path
 
         check_name_or_path(name_or_path)  # a folder that is not a model: named before any work
 

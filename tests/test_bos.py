@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedkit.attention import SPECIAL, TEXT, run_examples, shares
-from embedkit.encoder import Encoder
-from embedkit.models import load_backbone
-from embedkit.prompts import Prompt, special_prefix, tokenize
+from embedkit.attention.measure import SPECIAL, TEXT, run_examples, shares
+from embedkit.embed.encoder import Encoder
+from embedkit.embed.models import load_backbone
+from embedkit.embed.prompts import Prompt, special_prefix, tokenize
 
 EOL = Prompt("eol", 'This sentence: "{text}" means in one word:')
 TEXTS = ["A cat sat on the mat.", "Stock markets fell sharply after the announcement of new tariffs.", "Hi"]
@@ -91,8 +91,8 @@ def test_poolings_include_the_bos_exactly_as_a_hand_computation(bos):
 def test_export_keeps_the_bos_in_front_of_the_prompt(bos, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from embedkit.export import export_sentence_transformers
-    from embedkit.pooling import Pooling
+    from embedkit.train.export import export_sentence_transformers
+    from embedkit.embed.pooling import Pooling
 
     mean = Pooling("mean", "mean")
     folder = export_sentence_transformers(bos, EOL, mean, max_length=16, folder=tmp_path / "st")
@@ -124,7 +124,7 @@ def test_the_attention_sink_is_the_bos_and_is_kept_out_of_the_shares(bos_dir):
 def test_the_attention_summary_names_the_bos_as_the_sink(bos, bos_dir, tmp_path):
     from hydra import compose, initialize_config_module
 
-    from embedkit.attention import run_attention
+    from embedkit.attention.measure import run_attention
 
     with initialize_config_module("embedkit.conf", version_base="1.3"):
         cfg = compose("attention", overrides=[

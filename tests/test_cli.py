@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from embedkit.data import load_jsonl_folder
+from embedkit.data.clustering import load_jsonl_folder
 
 SUBSET = ["data=jsonl", "data.include=[twentynewsgroups/test.jsonl]", "data.max_rows=400", "logger=csv"]
 
@@ -67,7 +67,7 @@ def test_sweep_writes_one_result_per_job_and_reuses_the_encode(tmp_path, cluster
     for prompt in ("none", "eol"):
         calls = [x["encode"]["forward_calls"] for x in results if x["prompt"] == prompt]
         assert sorted(calls)[:2] == [0, 0] and max(calls) > 0
-    from embedkit.report import main as report_main
+    from embedkit.report.tables import main as report_main
 
     report_main([str(sweep)])
     md = (sweep / "report.md").read_text()
@@ -274,7 +274,7 @@ def test_multirun_with_noise_augmentation_trains_one_adapter_per_job(tmp_path, c
     # the pair cache: one file of noise views of the 8 anchors, written by the first job and read by the second
     (cached,) = (tmp_path / "outputs" / "cache" / "pairs").rglob("*.jsonl")
     rows = [json.loads(line) for line in cached.read_text().splitlines()]
-    from embedkit.pairs import load_pairs
+    from embedkit.data.pairs import load_pairs
 
     anchors = load_pairs(str(pairs), max_rows=8, seed=0).anchors  # what pairs.max_rows=8 drew
     assert [row["anchor"] for row in rows] == list(dict.fromkeys(anchors))

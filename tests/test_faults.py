@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EMBEDKIT, run_cli
-from embedkit.data import read_jsonl
+from embedkit.data.clustering import read_jsonl
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_dir, atomic_write, write_json
-from embedkit.pairs import load_pairs
+from embedkit.data.pairs import load_pairs
 from embedkit.schema import precheck
 
 FAST = ["logger=none", "encode.max_length=16", "encode.show_progress=false"]
@@ -79,7 +79,7 @@ def assert_one_message(r: subprocess.CompletedProcess, prog: str, code: int, *fr
     (["seed=abc"], ["seed='abc': expected an integer"]),
     (["pooling.normalize=maybe"], ["pooling.normalize='maybe': expected true or false"]),
     (["model.trust_remote_code=yes"], ["model.trust_remote_code='yes': expected true or false"]),
-    (["+pooling.foo=1"], ["pooling.foo: unknown setting for embedkit.pooling.Pooling", "name, mode, normalize"]),
+    (["+pooling.foo=1"], ["pooling.foo: unknown setting for embedkit.embed.Pooling", "name, mode, normalize"]),
     (["data=jsonl"], ["data.root is required but not set"]),
     (["-m", "pooling=mean,meen"], ["pooling=meen: no such option"]),  # a sweep: every value is checked
     (["-m", "encode.max_length=16,0"], ["encode.max_length=0: must be >= 1"]),
@@ -199,7 +199,7 @@ def test_duplicates_singleton_labels_and_long_texts_are_counted_and_reported(tmp
     lines = [row("alpha beta", "x"), row("alpha beta", "x"), row("gamma", "x"), row("gamma", "y"),
              row("delta", "y"), row("solo", "z"), row("word " * 30_000, "y")]
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
-    with caplog.at_level(logging.WARNING, logger="embedkit.data"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.data.clustering"):
         texts, labels, notes = read_jsonl(tmp_path / "t.jsonl")
     assert len(texts) == 7  # nothing is dropped, only counted
     assert notes == {"skipped_empty": 0, "duplicate_rows": 1, "conflicting_labels": 1, "singleton_labels": 1,
@@ -210,9 +210,9 @@ def test_duplicates_singleton_labels_and_long_texts_are_counted_and_reported(tmp
 
 
 def test_a_1mb_text_is_cut_at_tokenization_not_a_crash(backbone, caplog):
-    from embedkit.encoder import Encoder
-    from embedkit.pooling import Pooling
-    from embedkit.prompts import Prompt
+    from embedkit.embed.encoder import Encoder
+    from embedkit.embed.pooling import Pooling
+    from embedkit.embed.prompts import Prompt
 
     big = ("lorem ipsum dolor sit amet " * 40_000)[:1_000_000]
     enc = Encoder(backbone, Prompt("eol", 'This sentence: "{text}" means in one word:'), max_length=16,
@@ -232,7 +232,7 @@ def test_pair_file_faults(tmp_path, caplog):
     p = tmp_path / "pairs.jsonl"
     p.write_text(json.dumps({"anchor": "a", "positive": "b"}) + "\n" + json.dumps({"anchor": "a", "positive": "b"})
                  + "\n" + json.dumps({"anchor": "c", "positive": "d"}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="embedkit.pairs"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.data.pairs"):
         pairs = load_pairs(str(p))
     assert pairs.describe()["duplicate_pairs"] == 1 and "1 duplicate pairs (lines 2)" in caplog.text
     p.write_text(json.dumps({"anchor": "a", "positive": "b", "negative": 3}) + "\n")
@@ -333,9 +333,9 @@ def test_interrupt_while_writing_a_checkpoint_keeps_only_complete_ones(backbone,
 
     import torch
 
-    from embedkit.pooling import Pooling
-    from embedkit.prompts import Prompt
-    from embedkit.train import Trainer, TrainConfig
+    from embedkit.embed.pooling import Pooling
+    from embedkit.embed.prompts import Prompt
+    from embedkit.train.trainer import Trainer, TrainConfig
 
     pairs = load_pairs(str(clustering_root.parent / "pairs" / "clinc150_same_intent" / "train.jsonl"), max_rows=16)
 
@@ -366,8 +366,8 @@ def test_interrupt_while_writing_a_checkpoint_keeps_only_complete_ones(backbone,
     assert t.step == 4 and (tmp_path / "ckpt" / "step-0000004").is_dir()
 
 
-# Holding a command at a known point: the interrupt tests run the real entry point (embedkit.cli.main,
-# embedkit.pairgen.main: what the console scripts call) through this runner, which pauses the process at
+# Holding a command at a known point: the interrupt tests run the real entry point (embedkit.commands.embed.main,
+# embedkit.augment.store.main: what the console scripts call) through this runner, which pauses the process at
 # one named step, says so on stderr and waits there until the test's signal ends it. So the signal
 # arrives at exactly that step however busy the machine is (no sleeps, no race with the work).
 HOLD_RUNNER = """
@@ -383,7 +383,7 @@ def hold(what):
 
 
 if step == "encode":  # the first forward pass of the job with prompt <value>
-    from embedkit.encoder import Encoder
+    from embedkit.embed.encoder import Encoder
 
     encode_unique = Encoder._encode_unique
 
@@ -393,9 +393,9 @@ if step == "encode":  # the first forward pass of the job with prompt <value>
         return encode_unique(self, texts, desc)
 
     Encoder._encode_unique = held_encode
-    from embedkit.cli import main
+    from embedkit.commands.embed import main
 elif step == "chunk":  # the generation of the pair chunk that starts at text <value>
-    from embedkit.augment import NoiseAugmenter
+    from embedkit.augment.base import NoiseAugmenter
 
     generate_chunk = NoiseAugmenter.generate_chunk
 
@@ -405,7 +405,7 @@ elif step == "chunk":  # the generation of the pair chunk that starts at text <v
         return generate_chunk(self, texts, start, seed, *a, **kw)
 
     NoiseAugmenter.generate_chunk = held_chunk
-    from embedkit.pairgen import main
+    from embedkit.augment.store import main
 sys.exit(main())
 """
 
@@ -501,7 +501,7 @@ def test_sigterm_during_pair_generation_resumes_from_the_last_chunk(tmp_path):
     assert len(rows) == 20_000 and [r["source_id"] for r in rows[:2]] == ["sentences_train.txt:1",
                                                                           "sentences_train.txt:2"]
     # the resumed set equals one generated in one go (noise is seeded per text)
-    from embedkit.augment import NoiseAugmenter
+    from embedkit.augment.base import NoiseAugmenter
 
     texts = src.read_text().splitlines()
     whole = NoiseAugmenter(chunk_size=200).make_pairs(texts[:1000], tmp_path / "one-go", seed=0, show_progress=False)
@@ -514,7 +514,7 @@ def test_sigterm_during_pair_generation_resumes_from_the_last_chunk(tmp_path):
 def test_same_config_and_seed_give_the_same_scores_and_pairs(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_module
 
-    from embedkit.augment import NoiseAugmenter
+    from embedkit.augment.base import NoiseAugmenter
     from embedkit.run import run
 
     data = tiny_set(tmp_path / "data", n=40, labels=4)

@@ -45,7 +45,7 @@ def test_checkpoint_keys_are_those_of_earlier_versions(overrides, key):
     ("paraphrase", "paraphrase-93fded909d42ea4977dd"),
 ])
 def test_pair_cache_folders_are_those_of_earlier_versions(option, folder):
-    from embedkit.pairgen import pair_set_dir
+    from embedkit.augment.store import pair_set_dir
 
     augmenter = instantiate(config(f"augmentation={option}").augmentation)
     assert pair_set_dir(augmenter, TEXTS, "/cache", seed=0).name == folder

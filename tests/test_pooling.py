@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedkit.encoder import Encoder, length_batches
+from embedkit.embed.encoder import Encoder, length_batches
 from embedkit.errors import EmbedkitError
-from embedkit.pooling import MODES, Pooling
-from embedkit.prompts import Prompt
+from embedkit.embed.pooling import MODES, Pooling
+from embedkit.embed.prompts import Prompt
 
 TEXTS = [
     "Re: Best GPU for deep learning?",
@@ -67,7 +67,7 @@ def test_unknown_pooling_mode_names_the_choices():
 
 
 def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backbone, tmp_path, monkeypatch, caplog):
-    import embedkit.encoder as encoder_module
+    import embedkit.embed.encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "_MEMO", {})  # no embeddings of earlier tests in memory
     calls = []
@@ -89,7 +89,7 @@ def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backb
         encoder_module._MEMO.clear()
         fresh = Encoder(backbone, Prompt("none", "{text}"), max_length=32, batch_size=2, cache_dir=tmp_path,
                         show_progress=False)
-        with caplog.at_level(logging.INFO, logger="embedkit.encoder"):
+        with caplog.at_level(logging.INFO, logger="embedkit.embed.encoder"):
             from_disk = fresh.encode_all(texts)
         assert f"encoding: {len(texts)} texts from the embedding cache" in caplog.text  # the file, not memory
         assert len(calls) == 2 and fresh.forward_calls == 0 and fresh.texts_encoded == 0 and fresh.cache_hits == 1

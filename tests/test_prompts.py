@@ -6,7 +6,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from embedkit.errors import EmbedkitError
-from embedkit.prompts import Prompt, special_prefix, tokenize
+from embedkit.embed.prompts import Prompt, special_prefix, tokenize
 
 # The templates of the paper (../shared/docs/paper.md), character for character.
 PAPER = {

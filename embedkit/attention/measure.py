@@ -48,14 +48,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from embedkit.cli import find_user_error, quiet_libraries, user_errors_as_messages
-from embedkit.encoder import collate, length_batches, takes_position_ids
+from embedkit.commands.embed import find_user_error, quiet_libraries, user_errors_as_messages
+from embedkit.embed.encoder import collate, length_batches, takes_position_ids
 from embedkit.errors import EmbedkitError, interrupts_as_messages
 from embedkit.io import atomic_write, write_json
-from embedkit.models import Backbone
-from embedkit.prompts import Prompt, Tokenized, special_prefix, tokenize
+from embedkit.embed.models import Backbone
+from embedkit.embed.prompts import Prompt, Tokenized, special_prefix, tokenize
 
-log = logging.getLogger("embedkit.attention")
+log = logging.getLogger("embedkit.attention.measure")
 
 HEAD_REDUCTIONS = ("mean", "max")
 TEXT, PROMPT, SPECIAL = "text", "prompt", "special"

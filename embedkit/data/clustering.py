@@ -189,7 +189,7 @@ def mteb_tasks(tasks: list[str] | None = None, benchmark: str | None = None,
     """Named MTEB tasks, or the tasks of a benchmark filtered by type; data are loaded here (from the
     datasets cache, or the hub with EMBEDKIT_ONLINE=1), so a missing dataset stops the run before any
     model work."""
-    from embedkit.evaluate import _mteb
+    from embedkit.evaluate.clustering import _mteb
 
     mteb = _mteb()
     try:
@@ -233,7 +233,7 @@ def stdlib_docstrings(min_per_label: int = 40, max_per_label: int = 25, max_char
     sentence of each docstring, ``p2p`` the whole docstring (cut at ``max_chars``). Private names and
     one-line docstrings shorter than four words are skipped. Deterministic for a Python version.
     ``split="test"`` (evaluation) is the sample; ``split="train"`` is every other docstring of the same
-    modules, disjoint from it (fine-tuning pairs come from there, see ``embedkit.pairs.stdlib_pairs``).
+    modules, disjoint from it (fine-tuning pairs come from there, see ``embedkit.data.stdlib_pairs``).
     """
     unknown = set(tasks) - {"s2s", "p2p"}
     if unknown:

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedkit.data import _first, _first_sentence, stdlib_docstrings
+from embedkit.data.clustering import _first, _first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
 from embedkit.io import iter_jsonl
 

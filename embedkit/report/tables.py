@@ -9,7 +9,7 @@
 Without ``--table`` it writes ``report.md``, ``report.csv`` (one row per run) and ``report.png`` (heat map)
 into the first folder (or --out); with ``--table NAME`` it writes ``table-NAME.md/.csv/.png`` and
 ``report.csv``. Scores are V-measure x 100. Published numbers come from the data files in
-``embedkit/references/`` (each with its source); a difference is shown only where our runs used the
+``embedkit/report/references/`` (each with its source); a difference is shown only where our runs used the
 same task set as the published number. Broken runs (half-written or invalid ``results.json``, missing
 fields) are skipped and listed.
 """
@@ -110,8 +110,8 @@ def select_models(results: list[dict], models: list[str] | None, folders: list[s
 # --- published numbers --------------------------------------------------------------------------------
 
 def load_references() -> dict:
-    """The reference data files shipped in ``embedkit/references`` (paper, MTEB leaderboard)."""
-    folder = resources.files("embedkit") / "references"
+    """The reference data files shipped in ``embedkit/report/references`` (paper, MTEB leaderboard)."""
+    folder = resources.files("embedkit.report") / "references"
     return {name: yaml.safe_load((folder / f"{name}.yaml").read_text(encoding="utf-8"))
             for name in ("paper", "mteb_leaderboard")}
 
@@ -474,7 +474,7 @@ def table_report(folders: list[str], table: str, out: str | None = None, plot: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    from embedkit.cli import user_errors_as_messages
+    from embedkit.commands.embed import user_errors_as_messages
 
     p = argparse.ArgumentParser(prog="embedkit-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -142,7 +142,7 @@ def generate_pairs(augmenter, texts: Sequence[str], cache_dir: str | Path, seed:
     """
     from tqdm.auto import tqdm
 
-    from embedkit.augment import FilterReport
+    from embedkit.augment.base import FilterReport
 
     texts, ids, skipped = _check_texts(texts, ids, augmenter.max_source_chars)
     folder = pair_set_dir(augmenter, texts, cache_dir, seed)
@@ -218,7 +218,7 @@ def _require_kept(augmenter, report: dict, final: Path) -> None:
             log.warning("pairs: only %d of %d %s views passed the filters", report["n_kept"], report["n_sources"],
                         augmenter.method)
         return
-    from embedkit.augment import FilterReport
+    from embedkit.augment.base import FilterReport
 
     raise EmbedkitError(
         f"all {report['n_sources']} {augmenter.method} outputs were filtered out, no pair survived "
@@ -354,7 +354,7 @@ def build_augmenter(method: str, overrides: Sequence[str] = ()):
             cfg = compose("config", overrides=ov)
         return instantiate(cfg.augmentation), cfg
     except (HydraException, OmegaConfBaseException) as e:
-        from embedkit.cli import find_user_error
+        from embedkit.commands.embed import find_user_error
 
         user = find_user_error(e)
         if user is not None:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.data import ClusteringSet, MtebTask
-from embedkit.encoder import Encoder
+from embedkit.data.clustering import ClusteringSet, MtebTask
+from embedkit.embed.encoder import Encoder
 from embedkit.errors import EmbedkitError
-from embedkit.pooling import Pooling
-from embedkit.result_cache import ResultCache
+from embedkit.embed.pooling import Pooling
+from embedkit.evaluate.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ClusteringEvaluator:
         self.cached_tasks: list[str] = []  # tasks of the last evaluate() whose score came from the cache
 
     def cache_fields(self, encoder: Encoder, pooling: Pooling, cs: ClusteringSet | MtebTask) -> dict:
-        """Everything one task's score depends on (see ``embedkit.result_cache``)."""
+        """Everything one task's score depends on (see ``embedkit.evaluate.result_cache``)."""
         bb = encoder.backbone
         if isinstance(cs, MtebTask):
             meta = cs.task.metadata

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
-from embedkit.models import Backbone
-from embedkit.pooling import BASE_MODES, Pooling, pool_all
-from embedkit.prompts import Prompt, Tokenized, tokenize
+from embedkit.embed.models import Backbone
+from embedkit.embed.pooling import BASE_MODES, Pooling, pool_all
+from embedkit.embed.prompts import Prompt, Tokenized, tokenize
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ additive margin on the positive (AM-Softmax style; 0 in the paper). ``symmetric`
 same loss from positives to anchors (the paper uses one direction). ``exclude`` [N, N] marks off-diagonal
 pairs that must not count as negatives (e.g. identical texts in one batch: false negatives).
 
-Relation to the other pieces: GradCache (``embedkit.train``) calls this on embeddings computed without a
+Relation to the other pieces: GradCache (``embedkit.train.trainer``) calls this on embeddings computed without a
 graph and back-propagates its gradient chunk by chunk, so the loss sees all N-way negatives; plain
 gradient accumulation calls it per micro-batch (the paper's 12-way setting).
 """

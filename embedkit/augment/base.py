@@ -6,7 +6,7 @@ trainer sees the same contract::
     aug = hydra.utils.instantiate(cfg.augmentation)        # any option but `none`
     rows = aug.make_pairs(texts, cache_dir, seed=0)         # [{"anchor": text, "positive": view, ...}]
 
-``make_pairs`` goes through :mod:`embedkit.pairgen`, which keys an on-disk cache by a hash of (texts,
+``make_pairs`` goes through :mod:`embedkit.augment.store`, which keys an on-disk cache by a hash of (texts,
 method, generator, settings, seed), writes the pairs in chunks so an interrupted generation resumes, and
 records provenance in every row. The classes here only know how to turn a chunk of texts into views.
 
@@ -382,7 +382,7 @@ class ChatModel:
         """(model, tokenizer) with left padding and a pad token; the chat template is checked first."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from embedkit.models import gguf_model_dir, resolve_device, resolve_dtype
+        from embedkit.embed.models import gguf_model_dir, resolve_device, resolve_dtype
 
         dev = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, dev)
@@ -538,7 +538,7 @@ class Augmenter:
         any generation. Sources whose every attempt was filtered out are left out (see ``last_report``);
         if none survives an :class:`EmbedkitError` gives the counts.
         """
-        from embedkit.pairgen import generate_pairs
+        from embedkit.augment.store import generate_pairs
 
         result = generate_pairs(self, texts, cache_dir, seed=seed, ids=ids, show_progress=show_progress)
         return result.rows
@@ -764,7 +764,7 @@ class _Seq2SeqTranslator:
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from embedkit.models import resolve_device
+        from embedkit.embed.models import resolve_device
 
         dev = resolve_device(self.device)
         key = (self.model_id, str(dev))

@@ -3,7 +3,7 @@
 ``SentenceTransformer(folder).encode(texts)`` then gives the embeddings embedkit computes, with no
 embedkit code at load time: the LoRA adapter is merged into the weights, the prompt template (prefix,
 suffix, and the EOS for ``eos`` pooling) is baked into the tokenizer's post-processor as fixed token ids,
-so truncation cuts only the text, exactly as ``embedkit.prompts.tokenize`` does, and the pooling is
+so truncation cuts only the text, exactly as ``embedkit.embed.tokenize`` does, and the pooling is
 sentence-transformers' own ``Pooling`` module (``mean``, ``lasttoken``, ``weightedmean``; plus
 ``Normalize`` when ``pooling.normalize``). Left padding is kept. ``concat`` has no sentence-transformers
 equivalent and is refused. Positions: sentence-transformers passes no position ids, so left-padded rows
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_dir
-from embedkit.models import Backbone
-from embedkit.pooling import Pooling
-from embedkit.prompts import Prompt, special_prefix
+from embedkit.embed.models import Backbone
+from embedkit.embed.pooling import Pooling
+from embedkit.embed.prompts import Prompt, special_prefix
 
 _ST_POOLING = {"mean": "mean", "last": "lasttoken", "eos": "lasttoken", "weighted_mean": "weightedmean"}
 

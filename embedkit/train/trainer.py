@@ -2,7 +2,7 @@
 
 The model is the backbone with a peft LoRA adapter; texts are wrapped in the run's prompt and pooled
 with the run's pooling, exactly as at evaluation. Each optimizer step takes ``batch_size`` pairs and
-minimises InfoNCE (``embedkit.losses``) with one of two negative schemes:
+minimises InfoNCE (``embedkit.train.losses``) with one of two negative schemes:
 
 - ``negatives: full`` (default): GradCache (Gao et al. 2021). All embeddings of the batch are computed
   without a graph in chunks of ``chunk_size`` pairs, the loss over the full ``batch_size``-way similarity
@@ -12,7 +12,7 @@ minimises InfoNCE (``embedkit.losses``) with one of two negative schemes:
 - ``negatives: chunk``: plain gradient accumulation over chunks, each loss seeing only ``chunk_size``-way
   negatives. The paper's setting is ``batch_size=120, chunk_size=12`` with this scheme.
 
-Distributed (``torchrun --nproc_per_node N -m embedkit.cli train=lora ...``): each rank takes its own
+Distributed (``torchrun --nproc_per_node N -m embedkit.commands.embed train=lora ...``): each rank takes its own
 slice of every batch, embeddings are all-gathered (with gradients) so the loss sees the global batch,
 and LoRA gradients are all-reduced. Checkpoints (adapter + optimizer + scheduler + RNG + step) are
 written atomically every ``save_every`` steps under a folder keyed by the training configuration, so
@@ -38,14 +38,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from embedkit.encoder import collate, last_hidden, takes_position_ids
+from embedkit.embed.encoder import collate, last_hidden, takes_position_ids
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_dir
-from embedkit.losses import info_nce
-from embedkit.models import Backbone
-from embedkit.pairs import PairSet
-from embedkit.pooling import Pooling, pool_all
-from embedkit.prompts import Prompt, tokenize
+from embedkit.train.losses import info_nce
+from embedkit.embed.models import Backbone
+from embedkit.data.pairs import PairSet
+from embedkit.embed.pooling import Pooling, pool_all
+from embedkit.embed.prompts import Prompt, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Trainer:
         return model
 
     def _autocast_dtype(self) -> torch.dtype | None:
-        from embedkit.models import cpu_supports_bf16
+        from embedkit.embed.models import cpu_supports_bf16
 
         p = self.cfg.precision
         if p == "auto":
