@@ -17,6 +17,15 @@ class EmbedkitError(Exception):
     exit_code = 2
 
 
+def find_user_error(e: BaseException | None) -> EmbedkitError | None:
+    """The ``EmbedkitError`` behind ``e``, also when Hydra's ``instantiate`` wrapped it (else None)."""
+    while e is not None:
+        if isinstance(e, EmbedkitError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @contextlib.contextmanager
 def interrupts_as_messages(prog: str, hint: str = "re-run the same command to resume"):
     """Make SIGTERM behave like Ctrl-C and end either with one line on stderr.

@@ -6,11 +6,7 @@ Cheap objects are built and validated first, so bad input stops the run before a
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import platform
-import random
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,39 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedkit.embed.encoder import Encoder
 from embedkit.io import write_json
+from embedkit.runtime import git_commit, seed_everything, versions
 from embedkit.loggers import NullLogger
 from embedkit.schema import check_writable, validate
 
 log = logging.getLogger(__name__)
-
-_PACKAGES = ("embedkit", "torch", "transformers", "peft", "mteb", "datasets", "hydra-core", "wandb",
-             "scikit-learn", "numpy")
-
-
-def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
     """Evaluate one configuration; returns the dict written to ``run_dir/results.json``."""

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from embedkit.commands.embed import find_user_error, quiet_libraries, user_errors_as_messages
+from embedkit.commands.common import quiet_libraries, user_errors_as_messages
 from embedkit.embed.encoder import collate, length_batches, takes_position_ids
-from embedkit.errors import EmbedkitError, interrupts_as_messages
+from embedkit.errors import EmbedkitError, find_user_error, interrupts_as_messages
 from embedkit.io import atomic_write, write_json
 from embedkit.embed.models import Backbone
 from embedkit.embed.prompts import Prompt, Tokenized, special_prefix, tokenize
@@ -661,7 +661,8 @@ def _instantiate(node):
 
 def run_attention(cfg: DictConfig, out_dir: Path) -> dict:
     """Validate the config, then analyse examples and the data set; returns what summary.json holds."""
-    from embedkit.run import check_writable, seed_everything, versions
+    from embedkit.runtime import seed_everything, versions
+    from embedkit.schema import check_writable
 
     t0 = time.perf_counter()
     a = cfg.attention

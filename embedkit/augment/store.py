@@ -354,7 +354,7 @@ def build_augmenter(method: str, overrides: Sequence[str] = ()):
             cfg = compose("config", overrides=ov)
         return instantiate(cfg.augmentation), cfg
     except (HydraException, OmegaConfBaseException) as e:
-        from embedkit.commands.embed import find_user_error
+        from embedkit.errors import find_user_error
 
         user = find_user_error(e)
         if user is not None:

@@ -11,50 +11,18 @@ after the same cleanup (no partial files).
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
-# Offline by default: hub calls would only wait for a network that may not be there. Users with
-# internet who want hub models/tasks set EMBEDKIT_ONLINE=1.
-if os.environ.get("EMBEDKIT_ONLINE") != "1":
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_SILENT", "true")
+from embedkit.commands.common import offline_by_default, quiet_libraries, user_errors_as_messages
+
+offline_by_default()
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from embedkit.errors import EmbedkitError, interrupts_as_messages  # noqa: E402
-
-log = logging.getLogger("embedkit")
-
-_QUIET = ("mteb", "datasets", "transformers", "httpx", "urllib3", "sklearn", "wandb", "huggingface_hub")
-
-
-def quiet_libraries() -> None:
-    for name in _QUIET:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-@contextlib.contextmanager
-def user_errors_as_messages(prog: str):
-    """Input errors (``EmbedkitError``, also wrapped by Hydra) become one line on stderr and their exit
-    code; anything else is a bug and keeps its traceback."""
-    try:
-        yield
-    except Exception as e:
-        user_error = find_user_error(e)
-        if user_error is None:
-            raise
-        print(f"{prog}: error: {user_error}", file=sys.stderr)
-        sys.exit(user_error.exit_code)
+from embedkit.errors import interrupts_as_messages  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
@@ -70,15 +38,6 @@ def _app(cfg: DictConfig) -> float | None:
 
     with user_errors_as_messages("embedkit"):
         return run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0)["mean"]
-
-
-def find_user_error(e: BaseException | None) -> EmbedkitError | None:
-    """The ``EmbedkitError`` behind ``e``, also when Hydra's ``instantiate`` wrapped it."""
-    while e is not None:
-        if isinstance(e, EmbedkitError):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def main() -> None:

@@ -474,7 +474,7 @@ def table_report(folders: list[str], table: str, out: str | None = None, plot: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    from embedkit.commands.embed import user_errors_as_messages
+    from embedkit.commands.common import user_errors_as_messages
 
     p = argparse.ArgumentParser(prog="embedkit-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
