@@ -140,3 +140,8 @@ def _lone_surrogate(row: dict) -> str | None:
                 except UnicodeEncodeError:
                     return key.encode("utf-8", "replace").decode() if isinstance(key, str) else str(key)
     return None
+
+
+def preview(items: list, n: int = 10) -> str:
+    """The first ``n`` items joined by commas, with ", ..." when there are more (for messages)."""
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from embedkit.data.clustering import ClusteringSet, load_jsonl_folder, stdlib_docstrings
+from embedkit.data import ClusteringSet, load_jsonl_folder, stdlib_docstrings
 from embedkit.errors import EmbedkitError
 
 

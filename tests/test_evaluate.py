@@ -8,7 +8,7 @@ import pytest
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
-from embedkit.data.clustering import MtebTask, load_jsonl_folder
+from embedkit.data import MtebTask, load_jsonl_folder
 from embedkit.embed.encoder import Encoder
 from embedkit.evaluate.clustering import ClusteringEvaluator, mteb_task
 from embedkit.embed.pooling import Pooling

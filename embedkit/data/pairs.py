@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedkit.data.clustering import _first, _first_sentence, stdlib_docstrings
+from embedkit.data.stdlib import first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
-from embedkit.io import iter_jsonl
+from embedkit.io import iter_jsonl, preview
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
         seen.add((anchors[-1], positives[-1]))
     if dupes:
         log.warning("%s: %d duplicate pairs (lines %s); kept as given (a duplicate in the same batch is "
-                    "masked as a false negative)", file, len(dupes), _first(dupes))
+                    "masked as a false negative)", file, len(dupes), preview(dupes))
     given = [n is not None for n in negatives]
     if any(given) and not all(given):
         first = given.index(not given[0]) + 1
@@ -100,7 +100,7 @@ def stdlib_pairs(min_words: int = 5, max_chars: int = 1500, max_rows: int | None
     held_out = set(test.texts)
     anchors, positives = [], []
     for doc in train.texts:
-        head = _first_sentence(doc)
+        head = first_sentence(doc)
         rest = doc[len(head):].strip() if doc.startswith(head) else ""
         if doc not in held_out and len(head.split()) >= 3 and len(rest.split()) >= min_words:
             anchors.append(head)

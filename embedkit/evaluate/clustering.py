@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
 
-from embedkit.data.clustering import ClusteringSet, MtebTask
+from embedkit.data.clustering import ClusteringSet
+from embedkit.data.mteb import MtebTask, import_mteb
 from embedkit.embed.encoder import Encoder
 from embedkit.errors import EmbedkitError
 from embedkit.embed.pooling import Pooling
@@ -34,13 +34,6 @@ def _mteb_version() -> str | None:
         return None
 
 
-def _mteb():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import mteb
-    return mteb
-
-
 def content_digest(cs: ClusteringSet) -> str:
     """SHA-256 of a set's texts and labels, in order (its "revision" for mteb and the result cache)."""
     return hashlib.sha256("\n".join(f"{t}\t{l}" for t, l in zip(cs.texts, cs.labels)).encode()).hexdigest()
@@ -48,7 +41,7 @@ def content_digest(cs: ClusteringSet) -> str:
 
 def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
     """An mteb clustering task holding ``cs`` as its test split (no download)."""
-    _mteb()  # imported with its warnings silenced
+    import_mteb()  # imported with its warnings silenced
     from datasets import Dataset, DatasetDict
     from mteb.abstasks import AbsTaskClustering, AbsTaskClusteringLegacy
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -76,9 +69,7 @@ def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
     if evaluator == "legacy":
         # mteb builds the legacy k-means evaluator without the task's seed (it always runs k-means with
         # seed 42); hand the seed on, so eval.n_seeds > 1 really averages different k-means runs
-        from mteb._evaluators import ClusteringEvaluator as MtebClusteringEvaluator
-
-        class SeededClusteringEvaluator(MtebClusteringEvaluator):
+        class SeededClusteringEvaluator(AbsTaskClusteringLegacy.evaluator):  # the task's public extension point
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **{**kwargs, "seed": seed})
 
@@ -91,7 +82,7 @@ def mteb_task(cs: ClusteringSet, evaluator: str = "legacy", seed: int = 42):
 
 def mteb_model(encoder: Encoder, pooling: Pooling):
     """Wrap ``encoder`` + ``pooling`` as an mteb encoder with real metadata (name, revision)."""
-    _mteb()
+    import_mteb()
     from mteb.models import ModelMeta
     from mteb.models.abs_encoder import AbsEncoder
 
@@ -154,7 +145,7 @@ class ClusteringEvaluator:
     def evaluate(self, encoder: Encoder, pooling: Pooling, sets: list[ClusteringSet | MtebTask]) -> dict[str, float]:
         """Main score per task. Local sets use this evaluator's scoring; named MTEB tasks their own
         (one run, mteb's seed), averaged over their evaluation splits and subsets."""
-        mteb = _mteb()
+        mteb = import_mteb()
         model = mteb_model(encoder, pooling)
         scores = {}
         self.cached_tasks = []
