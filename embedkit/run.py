@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,7 +128,7 @@ def augment_pairs(cfg: DictConfig, pairs):
     from embedkit.data.pairs import PairSet
 
     aug = instantiate(cfg.augmentation)
-    rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=Path(cfg.paths.output_root) / "cache" / "pairs",
+    rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=cfg.paths.pair_cache,
                           seed=cfg.seed)
     return PairSet(f"{pairs.name}+{aug.name}", [r["anchor"] for r in rows], [r["positive"] for r in rows],
                    None, pairs.source)

@@ -8,7 +8,7 @@ Three layers, all cheap (no model, no data):
    line's configuration itself before Hydra starts the app, so these become one line with the
    available options or keys (and a "did you mean") instead of Hydra's multi-line report, and no run
    folder is created for a config that cannot run.
-2. **Types and ranges of the fixed sections**: ``encode`` (``EncodeConfig`` below) and ``train``
+2. **Types and ranges of the fixed sections**: ``encode`` (``embedkit.embed.encoder.EncodeConfig``) and ``train``
    (``embedkit.train.TrainConfig``) are dataclasses; the composed values are merged into
    ``OmegaConf.structured(...)`` of them, so OmegaConf checks every type (``encode.batch_size=x``), and
    the range rules (field metadata here, ``TrainConfig.__post_init__`` there) check the values
@@ -30,25 +30,14 @@ import inspect
 import shutil
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from embedkit.embed.encoder import EncodeConfig
 from embedkit.errors import EmbedkitError
-
-
-@dataclass
-class EncodeConfig:
-    """The ``encode`` section of conf/config.yaml (see there for the meaning of each key)."""
-
-    max_length: int = field(default=512, metadata={"min": 1})
-    batch_size: int = field(default=32, metadata={"min": 1})
-    max_tokens: int = field(default=16384, metadata={"min": 1})
-    cache: bool = True
-    show_progress: bool = True
-    compile: bool = False
 
 
 _TARGET_GROUPS = ("model", "prompt", "pooling", "data", "eval", "logger", "pairs", "augmentation", "optimizer")

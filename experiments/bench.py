@@ -159,7 +159,7 @@ def read_texts(path: Path, n: int) -> list[str]:
 def stdlib_texts() -> tuple[list[str], list[str]]:
     """Short (first sentences) and long (docstrings joined per module to 300+ words) texts from this
     Python's standard library: every machine has them."""
-    from embedkit.data.clustering import stdlib_docstrings
+    from embedkit.data import stdlib_docstrings
 
     sets = stdlib_docstrings(max_per_label=100_000)  # every docstring of the sampled modules
     short = list(dict.fromkeys(sets[0].texts))

