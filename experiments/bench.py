@@ -313,7 +313,7 @@ def bench_poolings(bb, texts: list[str], p: dict, device) -> dict:
 
 
 def bench_generate(name: str, bb, lm, texts: list[str], p: dict, device) -> dict:
-    from embedkit.augment.base import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ChatModel
+    from embedkit.augment import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ChatModel
 
     if name == "smollm2-135m":
         chat = ChatModel(device=str(device))

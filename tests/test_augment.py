@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.augment.base import (
-    ChatModel,
-    FilterReport,
-    MixedAugmenter,
-    NoiseAugmenter,
-    PairFilter,
-    ParaphraseAugmenter,
-    clean_generation,
-    delete_words,
-    swap_chars,
-    swap_words,
-)
+from embedkit.augment.chat import ChatModel
+from embedkit.augment.filters import FilterReport, PairFilter, clean_generation
+from embedkit.augment.mix import MixedAugmenter
+from embedkit.augment.noise import NoiseAugmenter, delete_words, swap_chars, swap_words
+from embedkit.augment.paraphrase import ParaphraseAugmenter
+from embedkit.commands.pairs import build_augmenter, guard_source, read_source
 from embedkit.errors import EmbedkitError
-from embedkit.augment.store import build_augmenter, guard_source, read_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

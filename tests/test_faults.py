@@ -367,7 +367,7 @@ def test_interrupt_while_writing_a_checkpoint_keeps_only_complete_ones(backbone,
 
 
 # Holding a command at a known point: the interrupt tests run the real entry point (embedkit.commands.embed.main,
-# embedkit.augment.store.main: what the console scripts call) through this runner, which pauses the process at
+# embedkit.commands.pairs.main: what the console scripts call) through this runner, which pauses the process at
 # one named step, says so on stderr and waits there until the test's signal ends it. So the signal
 # arrives at exactly that step however busy the machine is (no sleeps, no race with the work).
 HOLD_RUNNER = """
@@ -395,7 +395,7 @@ if step == "encode":  # the first forward pass of the job with prompt <value>
     Encoder._encode_unique = held_encode
     from embedkit.commands.embed import main
 elif step == "chunk":  # the generation of the pair chunk that starts at text <value>
-    from embedkit.augment.base import NoiseAugmenter
+    from embedkit.augment.noise import NoiseAugmenter
 
     generate_chunk = NoiseAugmenter.generate_chunk
 
@@ -405,7 +405,7 @@ elif step == "chunk":  # the generation of the pair chunk that starts at text <v
         return generate_chunk(self, texts, start, seed, *a, **kw)
 
     NoiseAugmenter.generate_chunk = held_chunk
-    from embedkit.augment.store import main
+    from embedkit.commands.pairs import main
 sys.exit(main())
 """
 
@@ -501,7 +501,7 @@ def test_sigterm_during_pair_generation_resumes_from_the_last_chunk(tmp_path):
     assert len(rows) == 20_000 and [r["source_id"] for r in rows[:2]] == ["sentences_train.txt:1",
                                                                           "sentences_train.txt:2"]
     # the resumed set equals one generated in one go (noise is seeded per text)
-    from embedkit.augment.base import NoiseAugmenter
+    from embedkit.augment.noise import NoiseAugmenter
 
     texts = src.read_text().splitlines()
     whole = NoiseAugmenter(chunk_size=200).make_pairs(texts[:1000], tmp_path / "one-go", seed=0, show_progress=False)
@@ -514,7 +514,7 @@ def test_sigterm_during_pair_generation_resumes_from_the_last_chunk(tmp_path):
 def test_same_config_and_seed_give_the_same_scores_and_pairs(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_module
 
-    from embedkit.augment.base import NoiseAugmenter
+    from embedkit.augment.noise import NoiseAugmenter
     from embedkit.run import run
 
     data = tiny_set(tmp_path / "data", n=40, labels=4)

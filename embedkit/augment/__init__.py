@@ -1,11 +1,45 @@
-"""Positive views made from anchor texts: noise, LLM paraphrase, back-translation and mixes of them
-(config group ``augmentation``), with the durable, resumable pair store that `embedkit-pairs` and
-training share."""
+"""Synthetic positive pairs (the ``augmentation`` config group): views made from anchor texts by noise,
+LLM paraphrasing and back-translation, with the durable, resumable pair store that ``embedkit-pairs``
+and training share.
 
-from embedkit.augment.base import (
-    Augmenter, BackTranslationAugmenter, ChatModel, FilterReport, MixedAugmenter, NoiseAugmenter, PairFilter,
-    ParaphraseAugmenter,
-)
+Each option of ``conf/augmentation`` instantiates one class re-exported here; whatever the method, the
+trainer sees the same contract (:class:`Augmenter`)::
 
-__all__ = ["Augmenter", "BackTranslationAugmenter", "ChatModel", "FilterReport", "MixedAugmenter",
-           "NoiseAugmenter", "PairFilter", "ParaphraseAugmenter"]
+    aug = hydra.utils.instantiate(cfg.augmentation)        # any option but `none`
+    rows = aug.make_pairs(texts, cache_dir, seed=0)         # [{"anchor": text, "positive": view, ...}]
+
+Methods (the paper's, see ``../shared/docs/paper.md``, "Positive pairs"):
+
+* :class:`NoiseAugmenter` (``noise``): word deletion (p 0.1), word swaps, adjacent-character swaps (p 0.05).
+  No model.
+* :class:`ParaphraseAugmenter` (``paraphrase``): a chat model rewrites each text following one of five
+  instructions picked per sentence with a seeded RNG (more detail, simpler language, as a teacher, a
+  metaphor, a follow-up question), through the model's chat template, with sampling, retries and filters.
+* :class:`BackTranslationAugmenter` (``backtranslation``): text -> pivot language (German) -> English,
+  either with a real translation model pair (e.g. MarianMT ids, online) or, offline, with the chat model
+  in both directions.
+* :class:`MixedAugmenter` (``mix``): several methods at once (every method on every text, or a seeded split).
+
+Generated text is cleaned (:func:`clean_generation`) and checked by :class:`PairFilter` (empty, identical
+to the source, too short/long, wrong script, prompt echo); rejected texts are re-generated up to
+``retries`` times, and what survives is reported (:class:`FilterReport`).
+
+Modules: ``base`` (the :class:`Augmenter` contract and shared seeding helpers), ``filters``, ``chat``
+(:class:`ChatModel` and the chat-model methods' base), ``noise``, ``paraphrase``, ``backtranslation``,
+``mix``, and ``store`` (the on-disk pair cache: :func:`generate_pairs`, :func:`pair_set_dir`).
+"""
+
+from embedkit.augment.base import Augmenter, ChunkResult
+from embedkit.augment.filters import FilterReport, PairFilter, clean_generation, script_counts
+from embedkit.augment.store import PairResult, generate_pairs, pair_set_dir
+from embedkit.augment.chat import ChatAugmenter, ChatModel
+from embedkit.augment.noise import NoiseAugmenter, delete_words, swap_chars, swap_words
+from embedkit.augment.paraphrase import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ParaphraseAugmenter
+from embedkit.augment.backtranslation import BackTranslationAugmenter
+from embedkit.augment.mix import MixedAugmenter
+
+__all__ = ["PAPER_INSTRUCTIONS", "PAPER_SYSTEM_PROMPT", "Augmenter",
+           "BackTranslationAugmenter", "ChatAugmenter", "ChatModel", "ChunkResult", "FilterReport",
+           "MixedAugmenter", "NoiseAugmenter", "PairFilter", "PairResult", "ParaphraseAugmenter",
+           "clean_generation", "delete_words", "generate_pairs", "pair_set_dir", "script_counts", "swap_chars",
+           "swap_words"]
