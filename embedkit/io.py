@@ -145,3 +145,24 @@ def _lone_surrogate(row: dict) -> str | None:
 def preview(items: list, n: int = 10) -> str:
     """The first ``n`` items joined by commas, with ", ..." when there are more (for messages)."""
     return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+
+def check_writable(folder: Path, min_free_mb: float = 0) -> None:
+    """The output folder exists or can be made, a file can be written there, and its disk has at least
+    ``min_free_mb`` MiB free (``paths.min_free_mb``; 0 turns the space check off)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise EmbedkitError(f"cannot write to the output folder {folder}: {e.strerror}; "
+                            "set paths.output_root (or hydra.run.dir) to a writable folder") from None
+    if min_free_mb and min_free_mb > 0:
+        free = shutil.disk_usage(folder).free / 2**20
+        if free < min_free_mb:
+            raise EmbedkitError(
+                f"only {free:,.0f} MiB free on the disk of {folder}, less than paths.min_free_mb={min_free_mb:,.0f}; "
+                "free some space, point paths.output_root at another disk, or lower paths.min_free_mb "
+                "(0 turns this check off)")

@@ -19,7 +19,8 @@ from embedkit.embed.encoder import Encoder
 from embedkit.io import write_json
 from embedkit.runtime import git_commit, seed_everything, versions
 from embedkit.loggers import NullLogger
-from embedkit.schema import check_writable, validate
+from embedkit.io import check_writable
+from embedkit.schema import validate
 
 log = logging.getLogger(__name__)
 
