@@ -1,5 +1,6 @@
-"""Attention analysis (embedkit/attention/measure.py): exact token roles, final-token rows, figures, CSVs, the
-aggregate for the base model and a briefly tuned adapter, and the bad-input messages."""
+"""Attention analysis (embedkit/attention/; the command: embedkit/commands/attention.py): exact token roles,
+final-token rows, figures, CSVs, the aggregate for the base model and a briefly tuned adapter, and the
+bad-input messages."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from conftest import SHARED_DATA
+from embedkit.attention.analysis import run_attention
+from embedkit.attention.figures import example_figure
+from embedkit.attention.layers import parse_layers
 from embedkit.attention.measure import (
-    PROMPT, SPECIAL, TEXT, Example, check_adapter, example_figure, final_token_rows, parse_layers,
-    parse_variants, run_attention, shares, token_label, token_roles,
+    PROMPT, SPECIAL, TEXT, Example, final_token_rows, shares, token_label, token_roles,
 )
+from embedkit.attention.variants import check_adapter, parse_variants
 from embedkit.errors import EmbedkitError
 from embedkit.embed.prompts import Prompt, special_prefix, tokenize
 

@@ -124,7 +124,7 @@ def test_the_attention_sink_is_the_bos_and_is_kept_out_of_the_shares(bos_dir):
 def test_the_attention_summary_names_the_bos_as_the_sink(bos, bos_dir, tmp_path):
     from hydra import compose, initialize_config_module
 
-    from embedkit.attention.measure import run_attention
+    from embedkit.attention import run_attention
 
     with initialize_config_module("embedkit.conf", version_base="1.3"):
         cfg = compose("attention", overrides=[

@@ -67,7 +67,7 @@ def test_sweep_writes_one_result_per_job_and_reuses_the_encode(tmp_path, cluster
     for prompt in ("none", "eol"):
         calls = [x["encode"]["forward_calls"] for x in results if x["prompt"] == prompt]
         assert sorted(calls)[:2] == [0, 0] and max(calls) > 0
-    from embedkit.report.tables import main as report_main
+    from embedkit.commands.report import main as report_main
 
     report_main([str(sweep)])
     md = (sweep / "report.md").read_text()

@@ -17,7 +17,9 @@ from hydra import compose, initialize_config_module
 
 from conftest import ROOT, run_cli
 from embedkit.errors import EmbedkitError
-from embedkit.report.tables import load_references, main as report_main, pooling_table, reference_table, scan
+from embedkit.commands.report import main as report_main
+from embedkit.report.results import load_references, scan
+from embedkit.report.tables import pooling_table, reference_table
 
 COMMON = ["data=jsonl", "encode.max_length=32", "encode.show_progress=false"]
 
