@@ -1,13 +1,22 @@
-"""One run: config -> build (prompt, pooling, data, evaluator, model) -> encode + evaluate -> results.
+"""One run of the ``embedkit`` command, as a short list of named steps (``run``):
 
-Cheap objects are built and validated first, so bad input stops the run before any model work.
-``results.json`` is written atomically into the run folder; the logger is always closed.
+1. ``build``: validate the whole config, then build every cheap object (prompt, pooling, evaluator, data
+   and, for ``train=lora``, the training settings, pairs and optimizer), so bad input stops the run
+   before any model work;
+2. ``logged``: open the logger; it is closed in this one place, also when a step fails;
+3. load the model, and for training ``plan_training`` (augmentation, then the ``TrainingPlan`` that
+   tokenizes the pairs once and refuses pairs that teach nothing, still before any encoding);
+4. evaluate the base model; for training ``fine_tune`` it and evaluate the tuned model;
+5. ``assemble_results``: the one place ``results.json``'s fields are put together; it is written
+   atomically into the run folder (by rank 0 under torchrun) and its summary logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,124 +24,92 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embedkit.data.pairs import PairSet
 from embedkit.embed.encoder import Encoder
-from embedkit.io import write_json
-from embedkit.runtime import git_commit, seed_everything, versions
+from embedkit.io import check_writable, write_json
 from embedkit.loggers import NullLogger
-from embedkit.io import check_writable
+from embedkit.runtime import git_commit, seed_everything, versions
 from embedkit.schema import validate
+from embedkit.train import TrainConfig, Trainer, TrainingPlan, export_sentence_transformers, rank_and_world
+
+__all__ = ["Built", "LEGACY_TARGETS", "Training", "assemble_results", "augment_pairs", "build", "checkpoint_key", "fine_tune",
+           "logged", "make_encoder", "plan_training", "run"]
 
 log = logging.getLogger(__name__)
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
-    """Evaluate one configuration; returns the dict written to ``run_dir/results.json``."""
-    t0 = time.perf_counter()
-    validate(cfg)  # types, ranges and keys of the whole config, before anything is built
-    seed_everything(cfg.seed)
-    prompt = instantiate(cfg.prompt)
-    pooling = instantiate(cfg.pooling)
-    evaluator = instantiate(cfg.eval)
-    sets = instantiate(cfg.data)
-    training = cfg.train.name != "none"
-    if training:
-        from embedkit.train.trainer import TrainConfig
 
-        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-        pairs = instantiate(cfg.pairs)
-        optimizer_factory = instantiate(cfg.optimizer)
+@dataclass
+class Training:
+    """What ``train=lora`` adds to a run: the settings, the pairs, the optimizer factory, and (after
+    ``plan_training``) the pairs' ``TrainingPlan``."""
+
+    cfg: TrainConfig
+    pairs: PairSet
+    optimizer_factory: object
+    plan: TrainingPlan | None = None
+
+
+@dataclass
+class Built:
+    """The cheap objects of a run, built (and so checked) before any model work."""
+
+    prompt: object
+    pooling: object
+    evaluator: object
+    sets: list
+    training: Training | None
+
+
+def build(cfg: DictConfig) -> Built:
+    """Validate ``cfg`` (types, ranges, keys) and instantiate everything that needs no model."""
+    validate(cfg)
+    seed_everything(cfg.seed)
+    built = Built(instantiate(cfg.prompt), instantiate(cfg.pooling), instantiate(cfg.eval), instantiate(cfg.data),
+                  training=None)
+    if cfg.train.name != "none":
+        built.training = Training(TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True)),
+                                  instantiate(cfg.pairs), instantiate(cfg.optimizer))
     elif cfg.augmentation.name != "none":
         log.warning("augmentation=%s has no effect without fine-tuning (train=lora)", cfg.augmentation.name)
-    check_writable(run_dir, cfg.paths.get("min_free_mb", 0))
-    t_data = time.perf_counter()
-    names = f"model={cfg.model.name or cfg.model.name_or_path} prompt={prompt.name} pooling={pooling.name}"
-    log.info("run %s on %d task(s): %s", names, len(sets), ", ".join(s.name for s in sets))
+    return built
 
-    config = OmegaConf.to_container(cfg, resolve=True)
-    from embedkit.train.trainer import rank_and_world
 
-    main_process = rank_and_world()[0] == 0  # under torchrun only rank 0 logs and writes results
-    logger = instantiate(cfg.logger) if main_process else NullLogger()
+@contextlib.contextmanager
+def logged(cfg: DictConfig, config: dict, run_dir: Path, group: str | None, training: bool):
+    """The run's logger (a ``NullLogger`` on ranks other than 0), started here and always finished,
+    marked failed when the block raises."""
+    logger = instantiate(cfg.logger) if rank_and_world()[0] == 0 else NullLogger()
     logger.start(config, name=run_dir.name, group=group, job_type="train" if training else "eval", run_dir=run_dir)
     failed = True
     try:
-        backbone = instantiate(cfg.model, show_progress=cfg.encode.show_progress)
-        t_model = time.perf_counter()
-        make_encoder = lambda bb: Encoder(  # noqa: E731
-            bb, prompt, max_length=cfg.encode.max_length, batch_size=cfg.encode.batch_size,
-            max_tokens=cfg.encode.max_tokens, show_progress=cfg.encode.show_progress,
-            cache_dir=cfg.paths.embedding_cache if cfg.encode.cache else None, compile=cfg.encode.compile)
-        if training:  # pairs that would train on nothing stop the run before any encoding
-            from embedkit.train.trainer import Trainer
-
-            if cfg.augmentation.name != "none":
-                pairs = augment_pairs(cfg, pairs)
-            Trainer.check_input(backbone, prompt, pairs, train_cfg, seed=cfg.seed)
-        encoder = make_encoder(backbone)
-        scores = evaluator.evaluate(encoder, pooling, sets)
-        from_cache = {"scores": list(evaluator.cached_tasks)}
-        extra = {}
-        if training:
-            extra, backbone = fine_tune(cfg, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory,
-                                        logger, run_dir)
-            extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))
-            encoder = make_encoder(backbone)
-            scores = evaluator.evaluate(encoder, pooling, sets)
-            from_cache = {"scores": list(evaluator.cached_tasks), "scores_before": from_cache["scores"]}
-            log.info("fine-tuning moved the mean V-measure from %.4f to %.4f", extra["mean_before"],
-                     float(np.mean(list(scores.values()))))
-        t_eval = time.perf_counter()
-        results = {
-            "model": backbone.name,
-            "model_source": backbone.source,
-            "adapter": backbone.adapter,
-            "prompt": prompt.name,
-            "prompt_template": prompt.template,
-            "pooling": pooling.name,
-            "scores": scores,
-            "mean": float(np.mean(list(scores.values()))),
-            "tasks": {s.name: s.describe() for s in sets},
-            **extra,
-            "eval": evaluator.describe(),
-            "from_cache": from_cache,  # task names whose score was read from the result cache (eval.cache)
-            "encode": {"dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
-                       "max_length": encoder.max_length, "batch_size": encoder.batch_size,
-                       "max_tokens": encoder.max_tokens, "forward_calls": encoder.forward_calls,
-                       "texts_encoded": encoder.texts_encoded, "cache_hits": encoder.cache_hits},
-            "timings": {"data_s": round(t_data - t0, 3), "model_load_s": round(t_model - t_data, 3),
-                        "encode_eval_s": round(t_eval - t_model, 3),
-                        "total_s": round(time.perf_counter() - t0, 3)},
-            "seed": cfg.seed,
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_dir": str(run_dir),
-            "sweep": group,
-            "job": job,
-            "config": config,
-        }
-        if main_process:
-            write_json(run_dir / "results.json", results)
-        logger.summary({"scores": scores, "mean": results["mean"], "timings": results["timings"],
-                        "from_cache": len(from_cache["scores"]),
-                        **{k: extra[k] for k in ("scores_before", "mean_before", "train") if k in extra}})
-        logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
+        yield logger
         failed = False
     finally:
         logger.finish(failed=failed)
-    log.info("%s: mean V-measure %.4f over %d task(s) -> %s", names, results["mean"], len(scores),
-             run_dir / "results.json")
-    return results
 
 
-def augment_pairs(cfg: DictConfig, pairs):
+def make_encoder(cfg: DictConfig, backbone, prompt) -> Encoder:
+    """The encoder of the ``encode`` block, with the embedding cache when ``encode.cache`` is on."""
+    e = cfg.encode
+    return Encoder(backbone, prompt, max_length=e.max_length, batch_size=e.batch_size, max_tokens=e.max_tokens,
+                   show_progress=e.show_progress, cache_dir=cfg.paths.embedding_cache if e.cache else None,
+                   compile=e.compile)
+
+
+def augment_pairs(cfg: DictConfig, pairs: PairSet) -> PairSet:
     """Replace the positives by views generated from the anchors (``augmentation`` group)."""
-    from embedkit.data.pairs import PairSet
-
     aug = instantiate(cfg.augmentation)
-    rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=cfg.paths.pair_cache,
-                          seed=cfg.seed)
+    rows = aug.make_pairs(list(dict.fromkeys(pairs.anchors)), cache_dir=cfg.paths.pair_cache, seed=cfg.seed)
     return PairSet(f"{pairs.name}+{aug.name}", [r["anchor"] for r in rows], [r["positive"] for r in rows],
                    None, pairs.source)
+
+
+def plan_training(cfg: DictConfig, backbone, prompt, training: Training) -> Training:
+    """Augment the pairs if asked, then tokenize them and plan every step's batch once; pairs with no
+    training signal stop the run here, before any encoding."""
+    pairs = augment_pairs(cfg, training.pairs) if cfg.augmentation.name != "none" else training.pairs
+    plan = TrainingPlan(backbone.tokenizer, prompt, pairs, training.cfg, seed=cfg.seed)
+    return Training(training.cfg, pairs, training.optimizer_factory, plan)
 
 
 # Config targets as they were spelled before the stage packages: the checkpoint key hashes the config
@@ -154,7 +131,7 @@ def _legacy_targets(node):
     return node
 
 
-def checkpoint_key(cfg: DictConfig, train_cfg) -> str:
+def checkpoint_key(cfg: DictConfig, train_cfg: TrainConfig) -> str:
     """The checkpoint folder's key: the training settings and every config node the run trains on
     (with the ``_target_`` names of ``LEGACY_TARGETS``, so keys survive code moves)."""
     parts = [_legacy_targets(OmegaConf.to_container(cfg[k], resolve=True))
@@ -162,14 +139,14 @@ def checkpoint_key(cfg: DictConfig, train_cfg) -> str:
     return train_cfg.fingerprint(*parts, cfg.seed)
 
 
-def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, optimizer_factory, logger, run_dir):
-    """Train a LoRA adapter with the shared trainer; returns (results fields, tuned backbone)."""
-    from embedkit.train.trainer import Trainer
-
-    key = checkpoint_key(cfg, train_cfg)
-    checkpoint_dir = Path(cfg.paths.output_root) / "checkpoints" / f"{backbone.name}-{train_cfg.name}-{key}"
-    trainer = Trainer(backbone, prompt, pooling, pairs, train_cfg, optimizer_factory, logger=logger,
-                      checkpoint_dir=checkpoint_dir, seed=cfg.seed, show_progress=cfg.encode.show_progress)
+def fine_tune(cfg: DictConfig, training: Training, backbone, prompt, pooling, logger, run_dir: Path):
+    """Train a LoRA adapter with the shared trainer on the planned pairs; returns (results fields, tuned
+    backbone). Checkpoints go to ``paths.checkpoints/<model>-<train>-<checkpoint key>``."""
+    train_cfg, pairs = training.cfg, training.pairs
+    checkpoint_dir = Path(cfg.paths.checkpoints) / f"{backbone.name}-{train_cfg.name}-{checkpoint_key(cfg, train_cfg)}"
+    trainer = Trainer(backbone, prompt, pooling, pairs, train_cfg, training.optimizer_factory, logger=logger,
+                      checkpoint_dir=checkpoint_dir, seed=cfg.seed, show_progress=cfg.encode.show_progress,
+                      plan=training.plan)
     log.info("fine-tuning %s on %d pairs of %s: %d steps of %d pairs (%s negatives, chunks of %d)", backbone.name,
              len(pairs), pairs.name, trainer.total_steps, train_cfg.batch_size, train_cfg.negatives,
              train_cfg.chunk_size)
@@ -180,8 +157,84 @@ def fine_tune(cfg: DictConfig, train_cfg, backbone, prompt, pooling, pairs, opti
     tuned = trainer.tuned_backbone(backbone, adapter)
     out = {"train": summary, "adapter_dir": str(adapter)}
     if train_cfg.export:
-        from embedkit.train.export import export_sentence_transformers
-
         out["sentence_transformers_dir"] = str(export_sentence_transformers(
             tuned, prompt, pooling, cfg.encode.max_length, run_dir / "sentence-transformers"))
     return out, tuned
+
+
+def assemble_results(cfg: DictConfig, config: dict, built: Built, backbone, encoder: Encoder, scores: dict,
+                     extra: dict, from_cache: dict, timings: dict, run_dir: Path, group: str | None,
+                     job: int) -> dict:
+    """The fields of ``results.json``, in their order (see README "What each run writes")."""
+    return {
+        "model": backbone.name,
+        "model_source": backbone.source,
+        "adapter": backbone.adapter,
+        "prompt": built.prompt.name,
+        "prompt_template": built.prompt.template,
+        "pooling": built.pooling.name,
+        "scores": scores,
+        "mean": float(np.mean(list(scores.values()))),
+        "tasks": {s.name: s.describe() for s in built.sets},
+        **extra,
+        "eval": built.evaluator.describe(),
+        "from_cache": from_cache,  # task names whose score was read from the result cache (eval.cache)
+        "encode": {"dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
+                   "max_length": encoder.max_length, "batch_size": encoder.batch_size,
+                   "max_tokens": encoder.max_tokens, "forward_calls": encoder.forward_calls,
+                   "texts_encoded": encoder.texts_encoded, "cache_hits": encoder.cache_hits},
+        "timings": timings,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir),
+        "sweep": group,
+        "job": job,
+        "config": config,
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
+    """Evaluate (and with ``train=lora`` fine-tune, then evaluate again) one configuration; returns the
+    dict written to ``run_dir/results.json``."""
+    t0 = time.perf_counter()
+    built = build(cfg)
+    check_writable(run_dir, cfg.paths.get("min_free_mb", 0))
+    t_data = time.perf_counter()
+    names = f"model={cfg.model.name or cfg.model.name_or_path} prompt={built.prompt.name} pooling={built.pooling.name}"
+    log.info("run %s on %d task(s): %s", names, len(built.sets), ", ".join(s.name for s in built.sets))
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    with logged(cfg, config, run_dir, group, training=built.training is not None) as logger:
+        backbone = instantiate(cfg.model, show_progress=cfg.encode.show_progress)
+        t_model = time.perf_counter()
+        training = plan_training(cfg, backbone, built.prompt, built.training) if built.training else None
+
+        encoder = make_encoder(cfg, backbone, built.prompt)
+        scores = built.evaluator.evaluate(encoder, built.pooling, built.sets)
+        from_cache = {"scores": list(built.evaluator.cached_tasks)}
+        extra = {}
+        if training:
+            extra, backbone = fine_tune(cfg, training, backbone, built.prompt, built.pooling, logger, run_dir)
+            extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))
+            encoder = make_encoder(cfg, backbone, built.prompt)
+            scores = built.evaluator.evaluate(encoder, built.pooling, built.sets)
+            from_cache = {"scores": list(built.evaluator.cached_tasks), "scores_before": from_cache["scores"]}
+            log.info("fine-tuning moved the mean V-measure from %.4f to %.4f", extra["mean_before"],
+                     float(np.mean(list(scores.values()))))
+        t_eval = time.perf_counter()
+
+        timings = {"data_s": round(t_data - t0, 3), "model_load_s": round(t_model - t_data, 3),
+                   "encode_eval_s": round(t_eval - t_model, 3), "total_s": round(time.perf_counter() - t0, 3)}
+        results = assemble_results(cfg, config, built, backbone, encoder, scores, extra, from_cache, timings,
+                                   run_dir, group, job)
+        if rank_and_world()[0] == 0:  # under torchrun only rank 0 writes results
+            write_json(run_dir / "results.json", results)
+        logger.summary({"scores": scores, "mean": results["mean"], "timings": timings,
+                        "from_cache": len(from_cache["scores"]),
+                        **{k: extra[k] for k in ("scores_before", "mean_before", "train") if k in extra}})
+        logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
+    log.info("%s: mean V-measure %.4f over %d task(s) -> %s", names, results["mean"], len(scores),
+             run_dir / "results.json")
+    return results

@@ -55,7 +55,7 @@ def validate(cfg: DictConfig) -> None:
         raise EmbedkitError(f"seed={seed!r}: expected an integer (e.g. seed=0)")
     check_section("encode", cfg.encode, EncodeConfig)
     if cfg.train.name != "none":
-        from embedkit.train.trainer import TrainConfig
+        from embedkit.train.config import TrainConfig
 
         check_section("train", cfg.train, TrainConfig)
     for group in _TARGET_GROUPS:

@@ -372,7 +372,7 @@ def child(args) -> dict:
         return {"texts": len(texts), "s": round(dt, 2), "rss_after_load_gib": round(rss.start / 2**30, 3),
                 "peak_rss_gib": round(rss.peak / 2**30, 3)}
     from embedkit.data.pairs import PairSet, load_pairs, stdlib_pairs
-    from embedkit.train.trainer import Trainer, TrainConfig
+    from embedkit.train import Trainer, TrainConfig
 
     n = p["train_micro"] * p["train_accumulation"]
     need = n * (p["train_steps"] + 1)

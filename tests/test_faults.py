@@ -335,7 +335,7 @@ def test_interrupt_while_writing_a_checkpoint_keeps_only_complete_ones(backbone,
 
     from embedkit.embed.pooling import Pooling
     from embedkit.embed.prompts import Prompt
-    from embedkit.train.trainer import Trainer, TrainConfig
+    from embedkit.train import Trainer, TrainConfig
 
     pairs = load_pairs(str(clustering_root.parent / "pairs" / "clinc150_same_intent" / "train.jsonl"), max_rows=16)
 

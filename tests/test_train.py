@@ -1,20 +1,23 @@
 """The contrastive trainer on the embedded model (CPU, fp32, tiny settings)."""
 
-import contextlib
 import json
+import logging
 import math
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from functools import partial
+from omegaconf import OmegaConf
 
 from embedkit.errors import EmbedkitError
 from embedkit.train.losses import info_nce
 from embedkit.data.pairs import PairSet, load_pairs
 from embedkit.embed.pooling import Pooling
 from embedkit.embed.prompts import Prompt
-from embedkit.train.trainer import Trainer, TrainConfig
+from embedkit.train import TrainConfig, Trainer, TrainingPlan, gradcache
 
 PROMPT = Prompt("eol", 'This sentence: "{text}" means in one word:')
 TINY = dict(r=4, alpha=8, dropout=0.0, model_dropout=0.0, max_length=16, warmup_steps=0, scheduler="constant",
@@ -149,16 +152,16 @@ def graph_loss(t, batch, seed):
     """The full-batch loss with one autograd graph through every chunk: the chunks GradCache makes (pairs
     sorted longest first, ``chunk_size`` at a time), encoded in its order from the random state ``seed``,
     so each chunk draws the dropout masks GradCache's first pass draws."""
-    order = sorted(batch, key=lambda i: -(len(t.anchor_ids[i]) + len(t.positive_ids[i])))
+    order = sorted(batch, key=lambda i: -(len(t.plan.anchor_ids[i]) + len(t.plan.positive_ids[i])))
     chunks = [order[i:i + t.cfg.chunk_size] for i in range(0, len(order), t.cfg.chunk_size)]
     torch.manual_seed(seed)
     t.model.train()
-    parts = [t._split(t._embed(t._chunk_seqs(ch)[0]), len(ch)) for ch in chunks]
+    parts = [t.embed_pairs(ch) for ch in chunks]
     return info_nce(torch.cat([x[0] for x in parts]), torch.cat([x[1] for x in parts]), t.cfg.temperature)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradcache_replays_the_dropout_masks(backbone, pairs, checkpointing):
+def test_gradcache_replays_the_dropout_masks(backbone, pairs, checkpointing, monkeypatch):
     """With LoRA and attention dropout, GradCache's loss and LoRA gradients are those of the full-batch
     graph with the same masks; the test would catch a replay that draws other masks."""
     batch = list(range(8))
@@ -180,7 +183,15 @@ def test_gradcache_replays_the_dropout_masks(backbone, pairs, checkpointing):
     assert max_grad_difference(lora_grads(ref), want) > 0.05
     # and a replay that does not restore the first pass's random state gets the gradients wrong
     cached.model.zero_grad(set_to_none=True)
-    cached._replay = lambda state: contextlib.nullcontext()
+
+    class NoReplay(gradcache.RandContext):
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(gradcache, "RandContext", NoReplay)
     torch.manual_seed(5)
     assert cached.accumulate_gradients(batch) == pytest.approx(loss, rel=1e-6)  # the same first pass
     assert max_grad_difference(lora_grads(cached), want) > 0.05
@@ -232,6 +243,65 @@ def test_bad_training_input_is_named(backbone, pairs, tmp_path):
     for ckpt in tmp_path.glob("step-*"):  # every checkpoint written holds finite weights
         state = torch.load(ckpt / "state.pt", weights_only=False)
         assert all(math.isfinite(h["train/loss"]) for h in state["history"])
+
+
+def test_the_lora_yaml_states_the_train_config_defaults():
+    """conf/train/lora.yaml documents the defaults that TrainConfig states: the same keys, the same values."""
+    import embedkit.conf
+
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(embedkit.conf.__path__[0]) / "train" / "lora.yaml"))
+    default = TrainConfig()
+    assert set(yaml) == {f.name for f in fields(TrainConfig)}
+    for key, value in yaml.items():
+        want = getattr(default, key)
+        assert (tuple(value) if isinstance(value, list) else value) == want, f"train.{key}: {value!r} != {want!r}"
+    assert TrainConfig(**yaml) == default
+
+
+def test_the_plan_refuses_pairs_with_no_training_signal(backbone, caplog):
+    """The checks of the plan need the tokenizer only; each message names what to change."""
+    tok = backbone.tokenizer
+    plan = lambda ps, **kw: TrainingPlan(tok, PROMPT, ps, TrainConfig(**{**TINY, **kw}), seed=0)  # noqa: E731
+    texts = ["book a flight", "play some jazz", "what time is it", "set an alarm"]
+    same_anchor = PairSet("dup", ["book a flight"] * 4, texts)
+    with pytest.raises(EmbedkitError, match=r"dup: the batch of step 1 \(4 pairs\) has no negatives left"):
+        plan(same_anchor, batch_size=4)
+    plan(same_anchor, batch_size=4, mask_false_negatives=False)  # not masked: the negatives count
+    plan(PairSet("hard", ["book a flight"] * 4, texts, texts[::-1]), batch_size=4)  # hard negatives count
+    with pytest.raises(EmbedkitError, match="every loss sees a single pair and no negatives"):
+        plan(PairSet("p", texts, texts[::-1]), batch_size=4, chunk_size=1, negatives="chunk")
+    with pytest.raises(EmbedkitError, match="every anchor equals its positive .* but train.model_dropout=0"):
+        plan(PairSet("simcse", texts, texts), batch_size=2)
+    plan(PairSet("simcse", texts, texts), batch_size=2, model_dropout=0.1)
+    with caplog.at_level(logging.WARNING, logger="embedkit.train.trainer"):
+        plan(PairSet("some", texts, [texts[0], texts[2], texts[3], texts[1]]), batch_size=2)
+    assert "some: 1 of 4 pairs have anchor == positive" in caplog.text
+    with pytest.raises(EmbedkitError, match="train.batch_size=4 must be divisible by the 3 ranks"):
+        TrainingPlan(tok, PROMPT, PairSet("p", texts, texts[::-1]), TrainConfig(**{**TINY, "batch_size": 4}), world=3)
+    with pytest.raises(EmbedkitError, match="larger than the 4 pairs of p"):
+        plan(PairSet("p", texts, texts[::-1]), batch_size=8)
+
+
+def test_the_plan_is_built_once_and_the_trainer_takes_it(backbone, pairs, monkeypatch):
+    """The plan holds one batch per step (seeded permutations, epoch after epoch); a Trainer given the plan
+    does not tokenize again, and refuses a plan of other settings."""
+    import embedkit.train.plan as plan_module
+
+    cfg = TrainConfig(**{**TINY, "batch_size": 24, "max_steps": 5, "epochs": 3})
+    plan = TrainingPlan(backbone.tokenizer, PROMPT, pairs, cfg, seed=0)
+    assert (plan.steps_per_epoch, plan.total_steps, len(plan.step_batches)) == (2, 5, 5)
+    assert plan.step_batches == [*plan.batches(0), *plan.batches(1), plan.batches(2)[0]]
+    assert [plan.epoch(s) for s in range(5)] == [0, 0, 1, 1, 2]
+    for b in plan.batches(1):
+        assert len(b) == 24 == len(set(b))
+    calls = []
+    monkeypatch.setattr(plan_module, "tokenize", lambda *a, **kw: calls.append(a))
+    trainer = Trainer(backbone, PROMPT, Pooling("last", "last"), pairs, cfg, partial(torch.optim.AdamW, lr=1e-3),
+                      seed=0, show_progress=False, plan=plan)
+    assert trainer.plan is plan and trainer.total_steps == 5 and calls == []
+    with pytest.raises(ValueError, match="the plan was built for another"):
+        Trainer(backbone, PROMPT, Pooling("last", "last"), pairs, cfg, partial(torch.optim.AdamW, lr=1e-3), seed=1,
+                show_progress=False, plan=plan)
 
 
 def test_identical_texts_in_a_batch_are_masked_as_false_negatives(backbone):

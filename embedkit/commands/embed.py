@@ -32,7 +32,7 @@ def _app(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
     from embedkit.run import run
-    from embedkit.train.trainer import init_distributed
+    from embedkit.train.distributed import init_distributed
 
     init_distributed()  # under torchrun: join the process group before any model work
 

@@ -10,7 +10,7 @@ additive margin on the positive (AM-Softmax style; 0 in the paper). ``symmetric`
 same loss from positives to anchors (the paper uses one direction). ``exclude`` [N, N] marks off-diagonal
 pairs that must not count as negatives (e.g. identical texts in one batch: false negatives).
 
-Relation to the other pieces: GradCache (``embedkit.train.trainer``) calls this on embeddings computed without a
+Relation to the other pieces: GradCache (``embedkit.train.gradcache``) calls this on embeddings computed without a
 graph and back-propagates its gradient chunk by chunk, so the loss sees all N-way negatives; plain
 gradient accumulation calls it per micro-batch (the paper's 12-way setting).
 """
@@ -30,6 +30,9 @@ def info_nce(
     margin: float = 0.0,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The InfoNCE loss (a scalar tensor, mean over the N anchors) of anchors ``a`` [N, D] against the
+    positives ``p`` [N, D] and the optional hard ``negatives`` [M, D], as in the module doc; ``exclude``
+    [N, N] bool marks candidates p_j that are not negatives of a_i (its diagonal is ignored)."""
     a, p = F.normalize(a.float(), dim=-1), F.normalize(p.float(), dim=-1)
     candidates = p if negatives is None else torch.cat([p, F.normalize(negatives.float(), dim=-1)])
     sim = a @ candidates.T  # [N, N (+M)]

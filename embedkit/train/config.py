@@ -1,0 +1,109 @@
+"""``TrainConfig``: the settings of the ``train`` config group, checked on construction.
+
+This dataclass is the one place the defaults are stated; ``conf/train/lora.yaml`` repeats them to
+document them for the command line (``tests/test_train.py`` keeps the two equal). ``embedkit.schema``
+merges the composed ``train`` node into ``OmegaConf.structured(TrainConfig)`` (types, unknown keys) and
+``__post_init__`` checks the ranges. ``fingerprint`` names the checkpoint folder: changing which fields it
+hashes would orphan every checkpoint on users' disks (``tests/test_keys.py`` pins it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from embedkit.errors import EmbedkitError
+
+# settings that change where or how often checkpoints are written, not what is trained
+_NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the ``train`` config group; every field has the default of ``conf/train/lora.yaml``.
+
+    The field order is that of earlier versions (it is the order error messages list the keys in); the
+    groups below say what each field does.
+    """
+
+    name: str = "lora"
+    """Name of the option (``lora``, ``lora_paper``, ...); part of the checkpoint folder's name."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """LoRA adapter (peft): rank ``r``, scale ``alpha``, LoRA dropout, and the names of the linear layers
+    that get an adapter (the last component of the module name)."""
+
+    temperature: float = 0.2
+    symmetric: bool = False
+    margin: float = 0.0
+    """InfoNCE over cosine similarities (``embedkit.train.losses.info_nce``): temperature, whether the
+    positives -> anchors direction is averaged in, and an additive margin on the positive."""
+
+    batch_size: int = 120
+    chunk_size: int = 12
+    negatives: str = "full"
+    max_length: int = 100
+    """Batching: pairs per optimizer step, pairs per forward pass (bounds memory), ``full`` (GradCache:
+    every loss sees ``batch_size``-way negatives) or ``chunk`` (gradient accumulation: ``chunk_size``-way),
+    and text tokens per text before the prompt wraps it."""
+
+    max_steps: int = 100
+    epochs: int = 1
+    scheduler: str = "linear"
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    model_dropout: float = 0.05
+    """Schedule and numerics: steps are ``min(max_steps, epochs * steps_per_epoch)``; the transformers
+    scheduler and its warmup; gradient clipping; ``auto`` (bf16 autocast on CUDA and bf16 CPUs, else fp32),
+    ``fp32``, ``bf16`` or ``fp16``; activation checkpointing; the attention dropout while training (the
+    paper's "model dropout": SimCSE pairs, anchor == positive, need it > 0)."""
+
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Checkpoints: written atomically every ``save_every`` steps (and at the last), the newest
+    ``keep_checkpoints`` kept; ``resume`` continues from the newest. None of the three is hashed."""
+
+    mask_false_negatives: bool = True
+    export: bool = False
+    """Also: identical anchors or positives in one batch are not counted as negatives; ``export`` also
+    writes the merged model as a sentence-transformers folder (not hashed)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.negatives in ("full", "chunk"), f"train.negatives={self.negatives!r}: use 'full' or 'chunk'"),
+            (self.batch_size >= 2, f"train.batch_size={self.batch_size}: in-batch negatives need >= 2"),
+            (self.chunk_size >= 1, f"train.chunk_size={self.chunk_size} must be >= 1"),
+            (self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1"),
+            (self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1"),
+            (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
+            (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
+            (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),
+            (0 <= self.dropout < 1, f"train.dropout={self.dropout} must be in [0, 1)"),
+            (0 <= self.model_dropout < 1, f"train.model_dropout={self.model_dropout} must be in [0, 1)"),
+            (self.max_length >= 1, f"train.max_length={self.max_length} must be >= 1"),
+            (self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0"),
+            (self.max_grad_norm > 0, f"train.max_grad_norm={self.max_grad_norm} must be > 0"),
+            (self.save_every >= 1, f"train.save_every={self.save_every} must be >= 1"),
+            (self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"train.precision={self.precision!r}: use auto, fp32, bf16 or fp16"),
+            (self.scheduler in ("linear", "cosine", "constant", "constant_with_warmup"),
+             f"train.scheduler={self.scheduler!r}: use linear, cosine, constant or constant_with_warmup"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EmbedkitError(message)
+        self.target_modules = tuple(self.target_modules)
+
+    def fingerprint(self, *parts) -> str:
+        """A 12-hex-digit hash of the trained-on settings (all fields but resume, save_every,
+        keep_checkpoints and export) and ``parts`` (JSON-able: other config nodes, the seed)."""
+        keep = {k: v for k, v in vars(self).items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps([keep, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]
