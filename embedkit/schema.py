@@ -36,8 +36,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from embedkit.embed.encoder import EncodeConfig
+from embedkit.embed.models import check_name_or_path
 from embedkit.errors import EmbedkitError
 from embedkit.io import check_writable
+from embedkit.train.config import TrainConfig
 
 
 _TARGET_GROUPS = ("model", "prompt", "pooling", "data", "eval", "logger", "pairs", "augmentation", "optimizer")
@@ -55,16 +57,12 @@ def validate(cfg: DictConfig) -> None:
         raise EmbedkitError(f"seed={seed!r}: expected an integer (e.g. seed=0)")
     check_section("encode", cfg.encode, EncodeConfig)
     if cfg.train.name != "none":
-        from embedkit.train.config import TrainConfig
-
         check_section("train", cfg.train, TrainConfig)
     for group in _TARGET_GROUPS:
         if group in cfg and cfg[group] is not None:
             check_targets(group, cfg[group])
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", default=None, throw_on_resolution_failure=False)
     if isinstance(name_or_path, str) and name_or_path:
-        from embedkit.embed.models import check_name_or_path
-
         check_name_or_path(name_or_path)  # a folder that is not a model: named before any work
 
 

@@ -185,8 +185,14 @@ def test_fine_tuning_run_improves_clustering_and_its_adapter_reloads(tmp_path, c
     assert reloaded["encode"]["cache_hits"] == 0
     base, tuned = cached_embeddings(tmp_path / "outputs")  # the first run: before, then after training
     (loaded,) = cached_embeddings(tmp_path / "again" / "outputs")
+    bf16 = res["encode"]["dtype"] == "bfloat16"  # model.dtype=auto: bf16 on CPUs with AVX512-BF16/AMX
     for mode in ("last", "mean", "eos", "weighted_mean"):
-        np.testing.assert_allclose(loaded[mode], tuned[mode], rtol=1e-4, atol=1e-4, err_msg=mode)
+        if bf16:  # bf16 kernels are not bit-reproducible across processes: a few rows move by some ulps
+            a, b = loaded[mode], tuned[mode]
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            assert cos.min() > 0.999 and np.mean(np.abs(a - b) > 1e-4) < 0.1, (mode, cos.min())
+        else:
+            np.testing.assert_allclose(loaded[mode], tuned[mode], rtol=1e-4, atol=1e-4, err_msg=mode)
         assert np.abs(loaded[mode] - base[mode]).max() > 1e-2, mode  # the adapter changed them
     # the embeddings above are the contract; k-means on embeddings equal to 1e-4 (merged weights vs an
     # unmerged adapter) may still move a point between clusters, so the score is compared as before

@@ -23,6 +23,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from embedkit.errors import interrupts_as_messages  # noqa: E402
+from embedkit.run import run  # noqa: E402
+from embedkit.schema import precheck  # noqa: E402
+from embedkit.train.distributed import init_distributed  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
@@ -31,9 +34,6 @@ def _app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
-    from embedkit.run import run
-    from embedkit.train.distributed import init_distributed
-
     init_distributed()  # under torchrun: join the process group before any model work
 
     with user_errors_as_messages("embedkit"):
@@ -44,8 +44,6 @@ def main() -> None:
     with interrupts_as_messages("embedkit", "re-run the same command to resume (finished sweep jobs are "
                                 "skipped with eval.cache=true; train.resume=true continues training)"):
         with user_errors_as_messages("embedkit"):
-            from embedkit.schema import precheck
-
             precheck(sys.argv[1:])  # config errors before Hydra makes a run folder
         _app()
 
