@@ -20,6 +20,8 @@ from embedkit.errors import EmbedkitError
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """Open a temporary file beside ``path`` for writing; it replaces ``path`` only when the block ends
+    without an error, so ``path`` is always either the old or the complete new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -78,6 +80,7 @@ def atomic_dir(path: str | os.PathLike):
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")

@@ -32,20 +32,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class NullLogger:
+    """The logger interface (``logger=none``): every method does nothing; the others override them."""
     def start(self, config: dict, name: str, group: str | None, job_type: str, run_dir: Path) -> None:
-        pass
+        """Begin a run: its resolved config, name, sweep group, job type (eval/train) and folder."""
 
     def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
+        """A time-series point (e.g. training loss) at ``step``."""
 
     def summary(self, metrics: dict) -> None:
-        pass
+        """Final metrics of the run (nested dicts are flattened with dots)."""
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
-        pass
+        """A table of ``rows`` under ``columns`` (scores per task, the loss curve)."""
 
     def finish(self, failed: bool = False) -> None:
-        pass
+        """End the run, marked failed when a step raised."""
 
 
 class CSVLogger(NullLogger):
@@ -56,13 +57,16 @@ class CSVLogger(NullLogger):
         self.row: dict[str, Any] = {}
 
     def start(self, config, name, group, job_type, run_dir) -> None:
+        """Start this run's row with its flattened config."""
         self.row = {"run": name, "group": group or "", "job_type": job_type, "run_dir": str(run_dir),
                     **flatten(config)}
 
     def summary(self, metrics: dict) -> None:
+        """Add the flattened metrics to this run's row."""
         self.row.update(flatten(metrics))
 
     def finish(self, failed: bool = False) -> None:
+        """Append the row to the CSV (atomically; new columns are added, old rows keep theirs)."""
         if not self.row:
             return
         self.row["failed"] = failed
@@ -91,6 +95,7 @@ class WandbLogger(NullLogger):
         self.run = None
 
     def start(self, config, name, group, job_type, run_dir) -> None:
+        """``wandb.init`` with the flattened config, online or offline as configured."""
         import wandb
 
         self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, name=name,
@@ -101,20 +106,24 @@ class WandbLogger(NullLogger):
                      Path(self.run.dir).parent)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
+        """``run.log(metrics, step)``."""
         if self.run is not None:
             self.run.log(metrics, step=step)
 
     def summary(self, metrics: dict) -> None:
+        """Set the flattened metrics as the run's summary."""
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """Log ``rows`` as a ``wandb.Table``."""
         if self.run is not None:
             import wandb
 
             self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
     def finish(self, failed: bool = False) -> None:
+        """Finish the W&B run with exit code 1 when it failed."""
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None

@@ -135,3 +135,18 @@ def test_modules_are_of_a_readable_size_and_say_what_they_are(module):
     assert ast.get_docstring(ast.parse(source)), f"{path}: no module docstring"
     n = source.count("\n")
     assert n <= MAX_LINES, f"{path}: {n} lines (split it, or state in its docstring why not and raise the limit here)"
+
+
+def test_every_public_class_function_and_method_has_a_docstring():
+    missing = []
+    for module, path in ALL.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if not ast.get_docstring(node):
+                    missing.append(f"{module}.{node.name}")
+                if isinstance(node, ast.ClassDef):
+                    missing += [f"{module}.{node.name}.{m.name}" for m in node.body
+                                if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
+                                and not ast.get_docstring(m)]
+    assert not missing, ", ".join(missing)

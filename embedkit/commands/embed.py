@@ -41,6 +41,8 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    """The `embedkit` console script: precheck the command line, then run the Hydra app; input errors
+    exit 2 with one line, Ctrl-C 130, SIGTERM 143."""
     with interrupts_as_messages("embedkit", "re-run the same command to resume (finished sweep jobs are "
                                 "skipped with eval.cache=true; train.resume=true continues training)"):
         with user_errors_as_messages("embedkit"):

@@ -42,9 +42,11 @@ class ClusteringSet:
 
     @property
     def n_labels(self) -> int:
+        """Number of distinct gold labels (the k of k-means)."""
         return len(set(self.labels))
 
     def describe(self) -> dict:
+        """What results.json records about the set: size, labels, source and data-quality notes."""
         return {"n_texts": len(self.texts), "n_labels": self.n_labels, "source": self.source, **self.notes}
 
     def subsample(self, max_rows: int | None, seed: int) -> "ClusteringSet":

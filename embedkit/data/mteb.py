@@ -28,9 +28,11 @@ class MtebTask:
 
     @property
     def name(self) -> str:
+        """The task's mteb name (e.g. TwentyNewsgroupsClustering)."""
         return self.task.metadata.name
 
     def describe(self) -> dict:
+        """What results.json records about the task: source dataset and revision, type, main score, splits."""
         meta = self.task.metadata
         return {"source": f"mteb:{meta.dataset['path']}@{meta.dataset.get('revision')}", "type": meta.type,
                 "main_score": meta.main_score, "eval_splits": list(meta.eval_splits)}

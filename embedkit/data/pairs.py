@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PairSet:
+    """Training pairs: ``anchors[i]`` and ``positives[i]`` (and ``negatives[i]`` where the file has a
+    hard negative) are one pair; ``name`` and ``source`` say where they came from."""
     name: str
     anchors: list[str]
     positives: list[str]
@@ -40,6 +42,8 @@ class PairSet:
         return len(self.anchors)
 
     def describe(self) -> dict:
+        """What results.json records about the pairs: name, source, count, whether hard negatives exist,
+        how many anchors equal their positive and how many pairs are repeated."""
         return {"name": self.name, "source": self.source, "n_pairs": len(self),
                 "hard_negatives": self.negatives is not None,
                 "anchor_is_positive": sum(a == p for a, p in zip(self.anchors, self.positives)),
@@ -84,6 +88,7 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
 
 
 def subsample(pairs: PairSet, max_rows: int | None, seed: int) -> PairSet:
+    """A seeded random subset of ``max_rows`` pairs of ``pairs``, in their original order (all when None)."""
     if max_rows is None or max_rows >= len(pairs):
         return pairs
     keep = sorted(random.Random(seed).sample(range(len(pairs)), max_rows))

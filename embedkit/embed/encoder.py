@@ -136,6 +136,8 @@ class Encoder:
         self._model = torch.compile(backbone.model, dynamic=True) if compile else backbone.model
 
     def cache_key(self, texts: list[str]) -> str:
+        """SHA-256 of everything the embeddings of ``texts`` depend on (weights, adapter, dtype, prompt,
+        max_length, cache version, the texts in order)."""
         h = hashlib.sha256()
         h.update(json.dumps([CACHE_VERSION, self.backbone.fingerprint, self.prompt.template,
                              self.max_length]).encode())
@@ -144,9 +146,12 @@ class Encoder:
         return h.hexdigest()
 
     def tokenize(self, texts: list[str]) -> list[Tokenized]:
+        """The exact token ids of ``texts`` wrapped in this encoder's prompt, each text cut to max_length,
+        with the EOS appended (see ``embedkit.embed.prompts.tokenize``)."""
         return tokenize(self.backbone.tokenizer, self.prompt, texts, self.max_length, append_eos=True)
 
     def encode(self, texts: list[str], pooling: Pooling) -> np.ndarray:
+        """Float32 embeddings [len(texts), D] of ``texts`` under one ``pooling``."""
         return pooling.select(self.encode_all(texts))
 
     def encode_all(self, texts: list[str], desc: str = "encoding") -> dict[str, np.ndarray]:

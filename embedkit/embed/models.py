@@ -59,6 +59,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if a GPU is visible, else cpu; a cuda device without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -68,6 +69,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on CUDA bf16 GPUs (else fp16) and on CPUs with native bf16, else fp32; names
+    such as float32/bf16/fp16 map to their torch dtype."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -49,6 +49,8 @@ def _unit(x):
 
 @dataclass(frozen=True)
 class Pooling:
+    """One pooling option (``conf/pooling``): ``mode`` is one of ``MODES``; ``normalize`` makes the vectors
+    unit length."""
     name: str
     mode: str
     normalize: bool = False

@@ -17,6 +17,7 @@ PLACEHOLDER = "{text}"
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt template with exactly one ``{text}`` (``conf/prompt``); ``name`` labels results."""
     name: str
     template: str
 
@@ -31,13 +32,16 @@ class Prompt:
 
     @property
     def prefix(self) -> str:
+        """The template before ``{text}``."""
         return self.template.split(PLACEHOLDER)[0]
 
     @property
     def suffix(self) -> str:
+        """The template after ``{text}``."""
         return self.template.split(PLACEHOLDER)[1]
 
     def wrap(self, text: str) -> str:
+        """``text`` inside the template (as a string; tokenization wraps token ids, see ``tokenize``)."""
         return self.prefix + text + self.suffix
 
 

@@ -139,6 +139,7 @@ class ClusteringEvaluator:
                 "max_length": encoder.max_length, "task": task, "mteb": _mteb_version()}
 
     def describe(self) -> dict:
+        """What results.json records about the scoring: evaluator, number of k-means seeds and the seeds."""
         return {"evaluator": self.evaluator, "n_seeds": self.n_seeds,
                 "kmeans_seeds": list(range(42, 42 + self.n_seeds))}
 

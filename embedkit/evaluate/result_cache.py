@@ -24,6 +24,7 @@ CACHE_VERSION = 1
 
 
 def cache_key(fields: dict) -> str:
+    """SHA-256 of the canonical JSON of ``fields`` (everything one task's score depends on)."""
     return hashlib.sha256(json.dumps([CACHE_VERSION, fields], sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -36,10 +37,12 @@ class ResultCache:
         self.overwrite = overwrite
 
     def path(self, fields: dict) -> Path:
+        """The file that holds the score of ``fields``."""
         key = cache_key(fields)
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, fields: dict) -> float | None:
+        """The cached score of ``fields``, or None (also when ``overwrite`` is on or the file is unreadable)."""
         if self.overwrite:
             return None
         path = self.path(fields)
@@ -53,5 +56,6 @@ class ResultCache:
             return None
 
     def put(self, fields: dict, score: float) -> None:
+        """Store ``score`` for ``fields`` (atomically; the entry also holds the fields, for inspection)."""
         write_json(self.path(fields), {"score": score, "key": fields,
                                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
