@@ -210,7 +210,7 @@ def reference_table(results: list[dict], refs: dict) -> Table:
         comparable = task_set(best, refs) == m["task_set"]
         mean_row.append(fmt(m["mean"]))
         notes.append(f"{m['name']}: {m['benchmark']}; source: {m['scores_source']}"
-                     + ("" if comparable else f" -- these runs did not evaluate that task set, so its mean is "
+                     + ("" if comparable else " -- these runs did not evaluate that task set, so its mean is "
                         "context, not a comparison"))
     if len(header) > len(mean_row):
         mean_row.append(f"{100 * best['mean'] - board[0]['mean']:+.1f}" if task_set(best, refs) == board[0]["task_set"]
