@@ -1,7 +1,8 @@
 """The durable pair store: generate a positive-pair set once, reuse it, resume it (the engine behind
 ``make_pairs`` and ``embedkit-pairs``).
 
-Cache layout (``cache_dir`` is ``outputs/cache/pairs`` for the command line; the trainer passes its own)::
+Cache layout (``cache_dir`` is ``paths.pair_cache``, ``outputs/cache/pairs`` by default, for the command line
+and for training runs alike)::
 
     <cache_dir>/<method>-<key>/request.json    what was asked: method, generator, settings, seed, #texts
     <cache_dir>/<method>-<key>/parts-<n>/*.json one file per finished chunk of n texts (only while generating)
@@ -39,13 +40,12 @@ from embedkit.augment.filters import FilterReport
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
 
-__all__ = ["DEFAULT_CACHE", "FORMAT_VERSION", "PairResult", "cache_key", "generate_pairs", "pair_set_dir",
+__all__ = ["FORMAT_VERSION", "PairResult", "cache_key", "generate_pairs", "pair_set_dir",
            "row_settings", "write_durable", "write_rows"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE = "cache/pairs"  # below paths.output_root
 
 
 @dataclass

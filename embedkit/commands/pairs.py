@@ -33,7 +33,7 @@ from hydra.errors import HydraException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from embedkit.augment.store import DEFAULT_CACHE, write_rows  # noqa: E402
+from embedkit.augment.store import write_rows  # noqa: E402
 from embedkit.errors import EmbedkitError, find_user_error, interrupts_as_messages  # noqa: E402
 from embedkit.io import iter_lines, parse_jsonl_line  # noqa: E402
 
@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip source lines longer than this (default: the method's max_source_chars)")
     p.add_argument("--seed", type=int, default=0, help="seed for instruction choice, sampling and noise (default 0)")
     p.add_argument("--cache-dir", default=None,
-                   help="pair cache (default: $EMBEDKIT_OUTPUTS or outputs, then /cache/pairs)")
+                   help="pair cache (default: paths.pair_cache, i.e. $EMBEDKIT_OUTPUTS or outputs, then /cache/pairs)")
     p.add_argument("--allow-test-split", action="store_true",
                    help="allow a source that looks like a test/evaluation split (you must not evaluate on it then)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -235,7 +235,7 @@ def _generate(args: argparse.Namespace) -> int:
             sub.max_source_chars = args.max_chars
     source = read_source(args.source, args.field, max_chars=max_chars, limit=args.limit)
     guard_source(source.path, source.labelled, args.allow_test_split)
-    cache_dir = Path(args.cache_dir or Path(cfg.paths.output_root) / DEFAULT_CACHE)
+    cache_dir = Path(args.cache_dir or cfg.paths.pair_cache)  # the folder training runs use too
     t0 = time.perf_counter()
     rows = augmenter.make_pairs(source.texts, cache_dir, seed=args.seed, ids=source.ids,
                                 show_progress=not args.no_progress)
