@@ -35,11 +35,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from embedkit.embed.encoder import EncodeConfig
-from embedkit.embed.models import check_name_or_path
 from embedkit.errors import EmbedkitError
 from embedkit.io import check_writable
-from embedkit.train.config import TrainConfig
 
 
 _TARGET_GROUPS = ("model", "prompt", "pooling", "data", "eval", "logger", "pairs", "augmentation", "optimizer")
@@ -55,6 +52,12 @@ def validate(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EmbedkitError(f"seed={seed!r}: expected an integer (e.g. seed=0)")
+    # imported here, not at the top: they load torch, and the command line's composition errors and
+    # --help (precheck, before any config is validated) should answer in a fraction of a second
+    from embedkit.embed.encoder import EncodeConfig
+    from embedkit.embed.models import check_name_or_path
+    from embedkit.train.config import TrainConfig
+
     check_section("encode", cfg.encode, EncodeConfig)
     if cfg.train.name != "none":
         check_section("train", cfg.train, TrainConfig)

@@ -23,9 +23,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from embedkit.errors import interrupts_as_messages  # noqa: E402
-from embedkit.run import run  # noqa: E402
 from embedkit.schema import precheck  # noqa: E402
-from embedkit.train.distributed import init_distributed  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
@@ -34,6 +32,10 @@ def _app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    # the run's modules load torch: imported once a composed config runs, so bad command lines fail fast
+    from embedkit.run import run
+    from embedkit.train.distributed import init_distributed
+
     init_distributed()  # under torchrun: join the process group before any model work
 
     with user_errors_as_messages("embedkit"):
