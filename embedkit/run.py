@@ -24,13 +24,19 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embedkit.augment.sources import check_dropout_views
 from embedkit.data.pairs import PairSet
 from embedkit.embed.encoder import Encoder
+from embedkit.embed.peer import PeerBackbone, PeerEncoder, not_applicable
+from embedkit.embed.prompts import PromptEnsemble
+from embedkit.embed.states import num_blocks
+from embedkit.errors import EmbedkitError
 from embedkit.io import check_writable, write_json
 from embedkit.loggers import NullLogger
 from embedkit.runtime import git_commit, seed_everything, versions
 from embedkit.schema import validate
 from embedkit.train import TrainConfig, Trainer, TrainingPlan, export_sentence_transformers, rank_and_world
+from embedkit.train.export import check_exportable
 
 __all__ = ["Built", "LEGACY_TARGETS", "Training", "assemble_results", "augment_pairs", "build", "checkpoint_key", "fine_tune",
            "logged", "make_encoder", "plan_training", "run"]
@@ -67,11 +73,31 @@ def build(cfg: DictConfig) -> Built:
     built = Built(instantiate(cfg.prompt), instantiate(cfg.pooling), instantiate(cfg.eval), instantiate(cfg.data),
                   training=None)
     if cfg.train.name != "none":
-        built.training = Training(TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True)),
-                                  instantiate(cfg.pairs), instantiate(cfg.optimizer))
+        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+        check_dropout_views(cfg.augmentation, cfg.pairs, train_cfg.model_dropout)  # SimCSE views need dropout
+        built.training = Training(train_cfg, instantiate(cfg.pairs), instantiate(cfg.optimizer))
     elif cfg.augmentation.name != "none":
         log.warning("augmentation=%s has no effect without fine-tuning (train=lora)", cfg.augmentation.name)
+    check_levers(built)
     return built
+
+
+def check_levers(built: Built) -> None:
+    """Prompt and pooling levers that cannot work together, or that look like a mistake, before model
+    work: an ensemble in training, ``per_task`` patterns that match no task."""
+    prompt, pooling = built.prompt, built.pooling
+    if isinstance(prompt, PromptEnsemble) and built.training is not None:
+        raise EmbedkitError(f"prompt={prompt.name} is an ensemble of {len(prompt.members)} prompts: fine-tuning "
+                            "trains one prompt; pick one member (e.g. prompt=eol) for train=lora")
+    if built.training is not None and built.training.cfg.export:
+        check_exportable(prompt, pooling)  # refused before training, not after it
+    unmatched = prompt.unmatched_patterns([s.name for s in built.sets])
+    if unmatched:
+        log.warning("prompt.per_task: %s match(es) none of the tasks %s; those tasks use the run's template",
+                    ", ".join(map(repr, unmatched)), ", ".join(s.name for s in built.sets))
+    if pooling.span == "text" and not isinstance(prompt, PromptEnsemble) and prompt.template == "{text}":
+        log.info("pooling.span=text with prompt=%s: the text is the whole input (a tokenizer's BOS is "
+                 "still left out), so this is nearly span=all", prompt.name)
 
 
 @contextlib.contextmanager
@@ -88,12 +114,16 @@ def logged(cfg: DictConfig, config: dict, run_dir: Path, group: str | None, trai
         logger.finish(failed=failed)
 
 
-def make_encoder(cfg: DictConfig, backbone, prompt) -> Encoder:
-    """The encoder of the ``encode`` block, with the embedding cache when ``encode.cache`` is on."""
+def make_encoder(cfg: DictConfig, backbone, prompt) -> Encoder | PeerEncoder:
+    """The encoder of the ``encode`` block, with the embedding cache when ``encode.cache`` is on (a
+    ``PeerEncoder`` for a sentence-transformers peer)."""
     e = cfg.encode
+    if isinstance(backbone, PeerBackbone):  # a sentence-transformers model: its own tokenizer, truncation, pooling
+        return PeerEncoder(backbone, batch_size=e.batch_size, show_progress=e.show_progress,
+                           cache_dir=cfg.paths.embedding_cache if e.cache else None)
     return Encoder(backbone, prompt, max_length=e.max_length, batch_size=e.batch_size, max_tokens=e.max_tokens,
                    show_progress=e.show_progress, cache_dir=cfg.paths.embedding_cache if e.cache else None,
-                   compile=e.compile)
+                   compile=e.compile, layers=e.layers)
 
 
 def augment_pairs(cfg: DictConfig, pairs: PairSet) -> PairSet:
@@ -131,10 +161,20 @@ def _legacy_targets(node):
     return node
 
 
+# Keys added to config nodes after checkpoints existed, with the value that means "as before": left out of
+# the checkpoint key when they hold it, so old checkpoints keep resuming.
+ADDED_KEYS = {"pooling": {"layer": -1, "span": "all", "final_norm": "auto"}, "prompt": {"per_task": {}}}
+
+
+def _without_defaults(group: str, node):
+    added = ADDED_KEYS.get(group, {})
+    return {k: v for k, v in node.items() if not (k in added and (v == added[k] or (v is None and added[k] == {})))}
+
+
 def checkpoint_key(cfg: DictConfig, train_cfg: TrainConfig) -> str:
     """The checkpoint folder's key: the training settings and every config node the run trains on
     (with the ``_target_`` names of ``LEGACY_TARGETS``, so keys survive code moves)."""
-    parts = [_legacy_targets(OmegaConf.to_container(cfg[k], resolve=True))
+    parts = [_legacy_targets(_without_defaults(k, OmegaConf.to_container(cfg[k], resolve=True)))
              for k in ("model", "prompt", "pooling", "pairs", "augmentation", "optimizer")]
     return train_cfg.fingerprint(*parts, cfg.seed)
 
@@ -173,6 +213,13 @@ def assemble_results(cfg: DictConfig, config: dict, built: Built, backbone, enco
         "prompt": built.prompt.name,
         "prompt_template": built.prompt.template,
         "pooling": built.pooling.name,
+        "pooling_spec": built.pooling.describe() if isinstance(backbone, PeerBackbone)  # a peer: its own pooling
+        else {**built.pooling.describe(),
+              "layers_resolved": list(built.pooling.resolve_layers(num_blocks(backbone.model)))},
+        **({"prompt_members": [m.template for m in built.prompt.members]}
+           if isinstance(built.prompt, PromptEnsemble) else {}),
+        **({"prompt_per_task": {s.name: built.prompt.for_task(s.name).template for s in built.sets}}
+           if built.prompt.per_task else {}),
         "scores": scores,
         "mean": float(np.mean(list(scores.values()))),
         "tasks": {s.name: s.describe() for s in built.sets},
@@ -208,13 +255,19 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
 
     with logged(cfg, config, run_dir, group, training=built.training is not None) as logger:
         backbone = instantiate(cfg.model, show_progress=cfg.encode.show_progress)
+        extra = {}
+        if isinstance(backbone, PeerBackbone):  # results record prompt n/a and the model's own pooling
+            built.prompt, built.pooling = not_applicable(backbone, built.prompt, built.pooling, cfg.encode.max_length)
+            extra["peer"] = backbone.describe()
+            names = f"model={backbone.name} (sentence-transformers peer)"
+        else:
+            built.pooling.views(num_blocks(backbone.model))  # a layer out of range stops here, before any encoding
         t_model = time.perf_counter()
         training = plan_training(cfg, backbone, built.prompt, built.training) if built.training else None
 
         encoder = make_encoder(cfg, backbone, built.prompt)
         scores = built.evaluator.evaluate(encoder, built.pooling, built.sets)
         from_cache = {"scores": list(built.evaluator.cached_tasks)}
-        extra = {}
         if training:
             extra, backbone = fine_tune(cfg, training, backbone, built.prompt, built.pooling, logger, run_dir)
             extra["scores_before"], extra["mean_before"] = scores, float(np.mean(list(scores.values())))
@@ -233,7 +286,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             write_json(run_dir / "results.json", results)
         logger.summary({"scores": scores, "mean": results["mean"], "timings": timings,
                         "from_cache": len(from_cache["scores"]),
-                        **{k: extra[k] for k in ("scores_before", "mean_before", "train") if k in extra}})
+                        **{k: extra[k] for k in ("scores_before", "mean_before", "train", "peer") if k in extra}})
         logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
     log.info("%s: mean V-measure %.4f over %d task(s) -> %s", names, results["mean"], len(scores),
              run_dir / "results.json")

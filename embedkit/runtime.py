@@ -15,7 +15,7 @@ import torch
 __all__ = ["git_commit", "seed_everything", "versions"]
 
 _PACKAGES = ("embedkit", "torch", "transformers", "peft", "mteb", "datasets", "hydra-core", "wandb",
-             "scikit-learn", "numpy")
+             "scikit-learn", "numpy", "sentence-transformers")
 
 
 def versions() -> dict[str, str | None]:

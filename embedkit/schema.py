@@ -56,8 +56,12 @@ def validate(cfg: DictConfig) -> None:
     # --help (precheck, before any config is validated) should answer in a fraction of a second
     from embedkit.embed.encoder import EncodeConfig
     from embedkit.embed.models import check_name_or_path
+    from embedkit.embed.peer import check_peer_config, is_peer_config
     from embedkit.train.config import TrainConfig
 
+    peer = is_peer_config(cfg.get("model"))
+    if peer:  # a sentence-transformers peer: no fine-tuning, a folder with modules.json (before the train checks)
+        check_peer_config(cfg.model, train=cfg.train.name)
     check_section("encode", cfg.encode, EncodeConfig)
     if cfg.train.name != "none":
         check_section("train", cfg.train, TrainConfig)
@@ -65,7 +69,7 @@ def validate(cfg: DictConfig) -> None:
         if group in cfg and cfg[group] is not None:
             check_targets(group, cfg[group])
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", default=None, throw_on_resolution_failure=False)
-    if isinstance(name_or_path, str) and name_or_path:
+    if isinstance(name_or_path, str) and name_or_path and not peer:
         check_name_or_path(name_or_path)  # a folder that is not a model: named before any work
 
 

@@ -8,6 +8,8 @@ Every figure is a ratio against a baseline run in the same invocation on the sam
              batches restored to input order, bf16 where the hardware has it), on short texts (titles)
              and long texts (256+ tokens); texts/s, tokens/s and, on GPU, TFLOP/s and % of bf16 peak
   poolings   a sweep over the five poolings (five runs sharing the embedding cache) vs one pooling
+  levers     a sweep over every block x pooling x span (one pass pools every block) vs one encode; an
+             ensemble of cached prompts (no forward pass)
   rerun      a finished configuration run again: model forward calls (must be 0)
   train      the paper's step (LoRA r 64 on the CausalLM, 12-pair micro-batches x 10 accumulation) vs
              embedkit's GradCache step (120-way negatives, chunks of 12): pairs/s and peak memory,
@@ -77,6 +79,8 @@ GOALS = {  # what (key in the results) -> (goal text, test)
     "train_speedup": (">= 0.8x CPU, >= 1.5x GPU", lambda v, gpu: v >= (1.5 if gpu else 0.8)),
     "train_memory_ratio": ("<= 1.3x one micro-batch", lambda v, gpu: v <= 1.3),
     "generate_speedup": (">= 5x", lambda v, gpu: v >= 5),
+    "levers_sweep_cost": ("<= 1.2x one encode", lambda v, gpu: v <= 1.2),
+    "ensemble_forward_calls": ("0 (members cached)", lambda v, gpu: v == 0),
     "memory_10k_gib": ("< 2 GiB RSS", lambda v, gpu: v < 2),
     "scaling_linearity": ("~1 (linear in texts)", lambda v, gpu: 0.8 <= v <= 1.25),
 }
@@ -312,6 +316,44 @@ def bench_poolings(bb, texts: list[str], p: dict, device) -> dict:
             "rerun_forward_calls": rerun.forward_calls}
 
 
+def bench_levers(bb, texts: list[str], p: dict, device) -> dict:
+    """A sweep over every block x pooling x span (one job each, sharing the embedding cache, as a Hydra
+    multirun does) vs ONE encode of the same texts; then a 3-prompt ensemble of cached prompts."""
+    from embedkit.embed.prompts import PromptEnsemble, prompt_option
+    from embedkit.embed.states import num_blocks
+
+    make = lambda cache, prompt=EOL: Encoder(bb, prompt, max_length=512, batch_size=p["batch"],  # noqa: E731
+                                             max_tokens=p["max_tokens"], cache_dir=cache, show_progress=False)
+    _, t_one = timed(lambda: make(None).encode(texts, Pooling("last", "last")), device)
+    n = num_blocks(bb.model)
+    with tempfile.TemporaryDirectory() as cache:
+        calls = []
+
+        def sweep():
+            for layer in range(n):
+                for mode in MODES:
+                    for span in ("all", "text"):
+                        enc = make(cache)
+                        enc.encode(texts, Pooling(mode, mode, layer=layer, span=span))
+                        calls.append(enc.forward_calls)
+
+        _, t_sweep = timed(sweep, device)
+        cache_mb = sum(f.stat().st_size for f in Path(cache).rglob("*.npz")) / 2**20
+        members = [EOL, prompt_option("cluster"), prompt_option("sum")]
+        for m in members[1:]:
+            make(cache, m).encode(texts, Pooling("last", "last"))
+        ens = make(cache, PromptEnsemble("ensemble", members))
+        _, t_ens = timed(lambda: ens.encode(texts, Pooling("last", "last")), device)
+    from embedkit.embed import encoder as enc_mod
+
+    enc_mod._MEMO.clear()
+    return {"texts": len(texts), "blocks": n, "jobs": len(calls), "one_encode_s": round(t_one, 3),
+            "sweep_s": round(t_sweep, 3), "cost_ratio": round(t_sweep / t_one, 3),
+            "sweep_forward_calls": sum(calls), "cache_mb": round(cache_mb, 1),
+            "cache_kb_per_text_and_block": round(cache_mb * 1024 / len(texts) / n, 2),
+            "ensemble_members": len(members), "ensemble_s": round(t_ens, 4), "ensemble_forward_calls": ens.forward_calls}
+
+
 def bench_generate(name: str, bb, lm, texts: list[str], p: dict, device) -> dict:
     from embedkit.augment import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ChatModel
 
@@ -473,6 +515,12 @@ def summarize(results: dict, gpu: bool) -> list[dict]:
                 q["cost_ratio"])
             add("rerun_forward_calls", f"{model}: re-run, forward calls", "-", q["rerun_forward_calls"],
                 q["rerun_forward_calls"])
+        if "levers" in r:
+            q = r["levers"]
+            add("levers_sweep_cost", f"{model}: {q['blocks']} blocks x {len(MODES)} poolings x 2 spans ({q['jobs']} jobs) "
+                "vs 1 encode, s", q["one_encode_s"], q["sweep_s"], q["cost_ratio"])
+            add("ensemble_forward_calls", f"{model}: ensemble of {q['ensemble_members']} cached prompts, forward calls",
+                "-", q["ensemble_forward_calls"], q["ensemble_forward_calls"])
         if "train" in r:
             b, o = r["train"]["paper"], r["train"]["ours"]
             add("train_speedup", f"{model}: train {o['pairs_per_step']} pairs/step, pairs/s "
@@ -514,7 +562,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=list(PROFILES), default=None,
                     help="sizes: cpu (default without a GPU), gpu (default with one), smoke (seconds)")
     ap.add_argument("--models", default="smollm2-135m", help="comma-separated: smollm2-135m or experiments/configs/*")
-    ap.add_argument("--sections", default="encode,poolings,train,generate,memory,scaling")
+    ap.add_argument("--sections", default="encode,poolings,levers,train,generate,memory,scaling")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "outputs/bench/latest.json"))
     ap.add_argument("--child", choices=["train-paper", "train-ours", "memory"], help=argparse.SUPPRESS)
@@ -533,7 +581,7 @@ def main() -> None:
           f"({results['machine']['cpu_threads']} threads), models {args.models}", flush=True)
     for name in args.models.split(","):
         r = results["models"].setdefault(name, {})
-        if sections & {"encode", "poolings", "generate", "scaling"}:
+        if sections & {"encode", "poolings", "levers", "generate", "scaling"}:
             bb, lm = build(name, device)
             r["dtype"] = {"baseline": str(next(lm.parameters()).dtype), "ours": str(bb.dtype)}
             short, long, source = headline_texts(bb.tokenizer, p["short"], p["long"])
@@ -545,6 +593,9 @@ def main() -> None:
             if "poolings" in sections:
                 r["poolings"] = bench_poolings(bb, short, p, device)
                 print(f"  {name} poolings: {r['poolings']}", flush=True)
+            if "levers" in sections:
+                r["levers"] = bench_levers(bb, short, p, device)
+                print(f"  {name} levers: {r['levers']}", flush=True)
             if "scaling" in sections:
                 r["scaling"] = bench_scaling(bb, p, device)
                 print(f"  {name} scaling: linearity {r['scaling']['linearity']}", flush=True)

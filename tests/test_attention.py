@@ -31,7 +31,8 @@ from embedkit.errors import EmbedkitError
 from embedkit.embed.prompts import Prompt, special_prefix, tokenize
 
 CONF = Path(__import__("embedkit.conf").conf.__path__[0])
-TEMPLATES = {p.stem: OmegaConf.load(p).template for p in sorted((CONF / "prompt").glob("*.yaml"))}
+TEMPLATES = {p.stem: node.template for p in sorted((CONF / "prompt").glob("*.yaml"))
+             if "template" in (node := OmegaConf.load(p)) and node.template.count("{text}") == 1}  # not ensembles, echo
 CLUSTER = Prompt("cluster", TEMPLATES["cluster"])
 EXAMPLE = "The new graphics card renders games twice as fast."
 
@@ -260,7 +261,7 @@ def test_layers_and_variants_specs(tmp_path):
 
 def test_template_without_text_placeholder_stops_before_model_work(tmp_path):
     cfg = compose_attention("prompt.template='Cluster this:'", f"attention.output_dir={tmp_path}")
-    with pytest.raises(EmbedkitError, match=r"exactly once"):
+    with pytest.raises(EmbedkitError, match=r"must contain .\{text\}. \(found it 0 times\)"):
         run_attention(cfg, tmp_path)
     assert not list(tmp_path.iterdir())
     cfg = compose_attention("attention.heads=median", f"attention.output_dir={tmp_path}")

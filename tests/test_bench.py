@@ -75,14 +75,14 @@ def test_unsorted_single_text_batches_give_the_same_embeddings(backbone, ours):
 def test_out_of_memory_is_retried_with_smaller_batches(backbone, ours, monkeypatch, caplog):
     import embedkit.embed.encoder as encoder_module
 
-    real = encoder_module.last_hidden
+    real = encoder_module.pooled_views
 
-    def small_gpu(model, ids, mask, position_ids=True):
+    def small_gpu(model, ids, *args, **kwargs):
         if ids.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, mask, position_ids)
+        return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(encoder_module, "last_hidden", small_gpu)
+    monkeypatch.setattr(encoder_module, "pooled_views", small_gpu)
     enc = Encoder(backbone, EOL, max_length=64, batch_size=4, max_tokens=10_000, show_progress=False)
     with caplog.at_level(logging.WARNING, logger="embedkit.embed.encoder"):
         out = enc.encode_all(TEXTS)
@@ -99,7 +99,7 @@ def test_out_of_memory_on_one_text_is_a_message(backbone, monkeypatch):
     def no_gpu(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(encoder_module, "last_hidden", no_gpu)
+    monkeypatch.setattr(encoder_module, "pooled_views", no_gpu)
     enc = Encoder(backbone, EOL, max_length=64, batch_size=2, max_tokens=10_000, show_progress=False)
     with pytest.raises(EmbedkitError, match="out of GPU memory on a single text.*encode.max_length"):
         enc.encode_all(TEXTS[:2])
@@ -126,6 +126,9 @@ def test_bench_smoke(tmp_path):
                                                                  e["speedup"])
         assert row["met"] == (e["speedup"] >= 3)  # the CPU goal
     assert r["poolings"]["rerun_forward_calls"] == 0
+    lv = r["levers"]  # 2 blocks x 5 poolings x 2 spans = 20 jobs: the first job's pass pools every block
+    assert (lv["blocks"], lv["jobs"]) == (2, 20) and lv["sweep_forward_calls"] == 2  # 12 texts, batches of 8
+    assert lv["ensemble_forward_calls"] == 0 and summary["levers_sweep_cost"]["value"] == lv["cost_ratio"]
     assert r["generate"]["identical_outputs"] == r["generate"]["texts"]  # greedy: batching changes nothing
     assert r["train"]["ours"]["negatives_per_loss"] == 6 and r["train"]["paper"]["negatives_per_loss"] == 3
     m = r["memory"]
@@ -136,5 +139,6 @@ def test_bench_smoke(tmp_path):
     assert summary["memory_10k_gib"]["met"] == (m["peak_rss_gib"] < 2)
     assert [x["texts"] for x in r["scaling"]["by_texts"]] == [8, 16]
     assert {"encode_short_speedup", "poolings_cost", "rerun_forward_calls", "train_speedup", "train_memory_ratio",
-            "generate_speedup", "memory_10k_gib", "scaling_linearity"} <= set(summary)
+            "generate_speedup", "memory_10k_gib", "scaling_linearity", "levers_sweep_cost",
+            "ensemble_forward_calls"} <= set(summary)
     assert "| what | baseline | embedkit |" in res.stdout

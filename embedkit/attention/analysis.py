@@ -21,7 +21,8 @@ from embedkit.attention.layers import check_layer_spec, parse_layers
 from embedkit.attention.measure import HEAD_REDUCTIONS, run_aggregate, run_examples
 from embedkit.attention.outputs import example_summary, print_summary, write_aggregate_csvs, write_tokens_csv
 from embedkit.attention.variants import load_variants, parse_variants
-from embedkit.embed.prompts import special_prefix
+from embedkit.embed.peer import is_peer_config
+from embedkit.embed.prompts import Prompt, special_prefix
 from embedkit.errors import EmbedkitError, find_user_error
 from embedkit.io import write_json
 from embedkit.runtime import seed_everything, versions
@@ -61,8 +62,16 @@ def run_attention(cfg: DictConfig, out_dir: Path) -> dict:
     ``EmbedkitError`` before any model is loaded or file written where they can be found that early."""
     t0 = time.perf_counter()
     a = cfg.attention
+    if is_peer_config(cfg.model):
+        raise EmbedkitError(f"model={cfg.model.name or cfg.model.name_or_path} is a sentence-transformers peer; the "
+                            "attention analysis is for decoder LLMs (where their final token attends): use an LLM "
+                            "such as model=smollm2-135m or model=hf")
     seed_everything(cfg.seed)
     prompt = _instantiate(cfg.prompt)
+    if not isinstance(prompt, Prompt) or prompt.copies > 1:
+        raise EmbedkitError(f"the attention analysis splits one prompt from one copy of the text; prompt="
+                            f"{prompt.name} is {'an ensemble' if not isinstance(prompt, Prompt) else 'an echo template'}: "
+                            "analyse one member or the one-copy template (e.g. prompt=echo_once)")
     heads = str(a.heads)
     if heads not in HEAD_REDUCTIONS:
         raise EmbedkitError(f"attention.heads must be one of {', '.join(HEAD_REDUCTIONS)}, got {heads!r}")

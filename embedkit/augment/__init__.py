@@ -20,13 +20,20 @@ Methods (the paper's, see ``../shared/docs/paper.md``, "Positive pairs"):
   in both directions.
 * :class:`MixedAugmenter` (``mix``): several methods at once (every method on every text, or a seeded split).
 
+Cheap sources for unlabelled texts (``pairs=texts``), no model (:mod:`embedkit.augment.sources`):
+
+* :class:`CropAugmenter` (``crop``): two different random spans of the same text.
+* :class:`FirstRestAugmenter` (``first_rest``): first sentence -> rest of the text.
+* :class:`DropoutAugmenter` (``dropout``): SimCSE, the text is its own positive (needs ``train.model_dropout > 0``,
+  :func:`check_dropout_views`).
+
 Generated text is cleaned (:func:`clean_generation`) and checked by :class:`PairFilter` (empty, identical
 to the source, too short/long, wrong script, prompt echo); rejected texts are re-generated up to
 ``retries`` times, and what survives is reported (:class:`FilterReport`).
 
 Modules: ``base`` (the :class:`Augmenter` contract and shared seeding helpers), ``filters``, ``chat``
 (:class:`ChatModel` and the chat-model methods' base), ``noise``, ``paraphrase``, ``backtranslation``,
-``mix``, and ``store`` (the on-disk pair cache: :func:`generate_pairs`, :func:`pair_set_dir`).
+``mix``, ``sources``, and ``store`` (the on-disk pair cache: :func:`generate_pairs`, :func:`pair_set_dir`).
 """
 
 from embedkit.augment.base import Augmenter, ChunkResult
@@ -37,9 +44,12 @@ from embedkit.augment.noise import NoiseAugmenter, delete_words, swap_chars, swa
 from embedkit.augment.paraphrase import PAPER_INSTRUCTIONS, PAPER_SYSTEM_PROMPT, ParaphraseAugmenter
 from embedkit.augment.backtranslation import BackTranslationAugmenter
 from embedkit.augment.mix import MixedAugmenter
+from embedkit.augment.sources import (CropAugmenter, DropoutAugmenter, FirstRestAugmenter, check_dropout_views,
+                                      crop_spans, split_first_sentence)
 
 __all__ = ["PAPER_INSTRUCTIONS", "PAPER_SYSTEM_PROMPT", "Augmenter",
-           "BackTranslationAugmenter", "ChatAugmenter", "ChatModel", "ChunkResult", "FilterReport",
-           "MixedAugmenter", "NoiseAugmenter", "PairFilter", "PairResult", "ParaphraseAugmenter",
-           "clean_generation", "delete_words", "generate_pairs", "pair_set_dir", "script_counts", "swap_chars",
+           "BackTranslationAugmenter", "ChatAugmenter", "ChatModel", "ChunkResult", "CropAugmenter",
+           "DropoutAugmenter", "FilterReport", "FirstRestAugmenter", "MixedAugmenter", "NoiseAugmenter", "PairFilter",
+           "PairResult", "ParaphraseAugmenter", "check_dropout_views", "clean_generation", "crop_spans",
+           "delete_words", "generate_pairs", "pair_set_dir", "script_counts", "split_first_sentence", "swap_chars",
            "swap_words"]

@@ -224,7 +224,8 @@ def _require_kept(augmenter, report: dict, final: Path) -> None:
             log.warning("pairs: only %d of %d %s views passed the filters", report["n_kept"], report["n_sources"],
                         augmenter.method)
         return
+    hint = getattr(augmenter, "empty_hint", "") or ("Loosen augmentation.filters, raise augmentation.retries or "
+                                                     "max_new_tokens, or use a stronger generator model")
     raise EmbedkitError(
         f"all {report['n_sources']} {augmenter.method} outputs were filtered out, no pair survived "
-        f"({FilterReport.from_dict(report).summary()}). Loosen augmentation.filters, raise "
-        f"augmentation.retries or max_new_tokens, or use a stronger generator model (cached set: {final})")
+        f"({FilterReport.from_dict(report).summary()}). {hint} (cached set: {final})")

@@ -13,7 +13,8 @@ from embedkit.errors import find_user_error
 
 __all__ = ["offline_by_default", "quiet_libraries", "user_errors_as_messages"]
 
-_QUIET = ("mteb", "datasets", "transformers", "httpx", "urllib3", "sklearn", "wandb", "huggingface_hub")
+_QUIET = ("mteb", "datasets", "transformers", "httpx", "urllib3", "sklearn", "wandb", "huggingface_hub",
+          "sentence_transformers")
 
 
 def offline_by_default() -> None:

@@ -156,8 +156,8 @@ def build_augmenter(method: str, overrides: Sequence[str] = ()):
     Returns (the augmenter, the composed config); a bad method or override raises :class:`EmbedkitError`.
     """
     if method == "none":
-        raise EmbedkitError("augmentation 'none' uses the given pairs and generates nothing; pick noise, "
-                            "paraphrase, backtranslation or mix")
+        raise EmbedkitError("augmentation 'none' uses the given pairs and generates nothing; pick noise, crop, "
+                            "first_rest, dropout, paraphrase, backtranslation, mix or mix_cheap")
     ov = [f"augmentation={method}"] + [o if o.startswith(("augmentation.", "+augmentation.", "~augmentation."))
                                        else f"augmentation.{o}" for o in overrides]
     GlobalHydra.instance().clear()
@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the augmentation config, e.g. temperature=0.8 (see conf/augmentation/)")
     p.add_argument("-a", "--augmentation", default="paraphrase",
-                   help="option of the augmentation group: noise, paraphrase, backtranslation, mix (default: paraphrase)")
+                   help="option of the augmentation group: noise, crop, first_rest, dropout, paraphrase, backtranslation, mix, mix_cheap (default: paraphrase)")
     p.add_argument("-o", "--out", help="write the pair file here too (JSONL); the cached copy is always kept")
     p.add_argument("--field", help="JSONL field holding the text (default: text, anchor or sentence)")
     p.add_argument("--limit", type=int, help="use only the first N usable rows")

@@ -1,8 +1,10 @@
-"""Positive pairs for contrastive fine-tuning: a JSONL file, or the embedded stdlib train split.
+"""Positive pairs for contrastive fine-tuning: a JSONL file, unlabelled texts, or the embedded stdlib train split.
 
 A pair file has one JSON object per line with ``anchor`` and ``positive`` (and optionally ``negative``,
 a hard negative). ``anchor == positive`` is the unsupervised SimCSE form: the two views then differ only
-by dropout (set ``train.model_dropout``). Problems stop the run before any model work, naming the line.
+by dropout (set ``train.model_dropout``). ``load_texts`` (``pairs=texts``) reads texts only (JSONL or one
+text per line) into that form; an ``augmentation`` option (``crop``, ``first_rest``, ...) then makes the
+positives. Problems stop the run before any model work, naming the line.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from embedkit.data.stdlib import first_sentence, stdlib_docstrings
 from embedkit.errors import EmbedkitError
-from embedkit.io import iter_jsonl, preview
+from embedkit.io import iter_jsonl, iter_lines, preview
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,51 @@ def load_pairs(path: str, anchor_field: str = "anchor", positive_field: str = "p
     pairs = PairSet(file.stem if file.stem != "train" else file.parent.name, anchors, positives,
                     negatives if all(given) and given else None, str(file))
     return subsample(pairs, max_rows, seed)
+
+
+def load_texts(path: str, text_field: str = "text", format: str = "auto", max_rows: int | None = None,
+               seed: int = 0) -> PairSet:
+    """Unlabelled texts as SimCSE-form pairs (anchor == positive == the text), for ``pairs=texts``.
+
+    ``format``: ``jsonl`` (one object per line; only ``text_field`` is read, labels and other keys never
+    are), ``txt`` (one text per line) or ``auto`` (by the suffix: ``.jsonl``/``.ndjson`` or ``.txt``/``.text``).
+    Blank texts are skipped and duplicates kept once (both counted in a warning); a missing or non-string
+    text field stops with the line named. ``max_rows`` keeps a seeded random subset (file order kept).
+    The positives are meant to be replaced by an ``augmentation`` option's views; with ``augmentation=none``
+    the two views differ only by dropout (``train.model_dropout > 0``).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise EmbedkitError(f"pairs.path={path!r} is not a file; give a JSONL file with a '{text_field}' field per "
+                            "line or a .txt file with one text per line")
+    kind = format if format != "auto" else {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt",
+                                            ".text": "txt"}.get(file.suffix.lower())
+    if kind not in ("jsonl", "txt"):
+        raise EmbedkitError(f"pairs.format={format!r} for {file.name}: use jsonl, txt, or auto with a .jsonl, "
+                            ".ndjson, .txt or .text file")
+    texts, seen, blank, dupes = [], set(), [], 0
+    if kind == "jsonl":
+        rows = ((n, row.get(text_field)) for n, row in iter_jsonl(file, example=f'{{"{text_field}": "..."}}'))
+    else:
+        rows = ((n, line.rstrip("\r\n")) for n, line, _ in iter_lines(file))
+    for lineno, text in rows:
+        if not isinstance(text, str):
+            raise EmbedkitError(f"{file}:{lineno}: '{text_field}' is {'missing' if text is None else type(text).__name__}"
+                                ", expected a string; set pairs.text_field if your file names the text differently")
+        if not text.strip():
+            blank.append(lineno)
+        elif text in seen:
+            dupes += 1
+        else:
+            seen.add(text)
+            texts.append(text)
+    if blank or dupes:
+        log.warning("%s: skipped %d blank text(s)%s and %d duplicate(s); %d texts kept", file, len(blank),
+                    f" (lines {preview(blank)})" if blank else "", dupes, len(texts))
+    if not texts:
+        raise EmbedkitError(f"pair set {file} is empty: no non-blank text ({len(blank)} blank lines)")
+    name = file.stem if file.stem != "train" else file.parent.name
+    return subsample(PairSet(name, texts, list(texts), None, str(file)), max_rows, seed)
 
 
 def subsample(pairs: PairSet, max_rows: int | None, seed: int) -> PairSet:

@@ -103,9 +103,18 @@ def mteb_model(encoder: Encoder, pooling: Pooling):
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
             texts = [t for batch in inputs for t in batch["text"]]
-            return encoder.encode(texts, pooling)
+            return encoder.encode(texts, pooling, task=task_metadata.name)
 
     return EmbedkitModel()
+
+
+def _pooling_fields(pooling: Pooling) -> dict:
+    """The pooling's part of a result-cache key: only what differs from the defaults is added, so the keys
+    of results cached before layers and spans existed stay the same."""
+    spec = pooling.describe()
+    defaults = {"layer": -1, "span": "all", "final_norm": "auto"}
+    return {"mode": spec["mode"], "normalize": spec["normalize"],
+            **{k: spec[k] for k, v in defaults.items() if spec[k] != v}}
 
 
 class ClusteringEvaluator:
@@ -135,7 +144,7 @@ class ClusteringEvaluator:
         else:
             task = {"name": cs.name, "digest": content_digest(cs), "evaluator": self.describe()}
         return {"model": bb.name, "weights": bb.fingerprint, "adapter": bb.info.get("adapter_sha256", bb.adapter),
-                "prompt": encoder.prompt.template, "pooling": {"mode": pooling.mode, "normalize": pooling.normalize},
+                "prompt": encoder.prompt_for(cs.name).template, "pooling": _pooling_fields(pooling),
                 "max_length": encoder.max_length, "task": task, "mteb": _mteb_version()}
 
     def describe(self) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
 from embedkit.report.figures import heatmap
-from embedkit.report.results import load_references, load_results, select_models, untuned
-from embedkit.report.tables import BUILDERS, TABLES, finetune_details, pivot, to_markdown
+from embedkit.report.results import is_peer, load_references, load_results, select_models, untuned
+from embedkit.report.tables import BUILDERS, TABLES, finetune_details, peer_details, pivot, to_markdown
 
 
 def write_runs_csv(path: Path, results: list[dict]) -> None:
@@ -35,22 +35,24 @@ def output_folder(out: str | None, folders: list[str]) -> Path:
 
 def report(folders: list[str], rows: str = "prompt", cols: str = "pooling", value: str = "mean",
            out: str | None = None, plot: bool = True, models: list[str] | None = None) -> str:
-    """The pivot table of the untuned runs (plus a before/after table of fine-tuned runs).
+    """The pivot table of the untuned LLM runs (plus a before/after table of fine-tuned runs, and peers'
+    rows beside the LLMs' best configurations when there are peer runs).
 
     Reads the results under ``folders`` (only ``models``' if given), writes ``report.md``, ``report.csv``
     and, with ``plot`` and more than one cell, ``report.png`` into ``output_folder(out, folders)``; returns
     the markdown."""
     everything = select_models(load_results(folders), models, folders)
     results = untuned(everything) or everything
+    results = [r for r in results if not is_peer(r)] or results  # peers: their own rows below (peer_details)
     row_keys, col_keys, cells = pivot(results, rows, cols, value)
     model_names = sorted({r["model"] for r in results})
     tasks = sorted({t for r in results for t in r["scores"]})
     what = "mean V-measure" if value == "mean" else f"V-measure on {value}"
     title = f"{what} x100, {', '.join(model_names)}, tasks: {', '.join(tasks)}"
     md = to_markdown(title, rows, row_keys, col_keys, cells)
-    tuned = finetune_details(everything)
-    if tuned:
-        md += "\n" + tuned
+    for section in (finetune_details(everything), peer_details(everything)):
+        if section:
+            md += "\n" + section
     out_dir = output_folder(out, folders)
     with atomic_write(out_dir / "report.md", "w", encoding="utf-8") as f:
         f.write(md)
@@ -79,5 +81,7 @@ def table_report(folders: list[str], table: str, out: str | None = None, plot: b
     write_runs_csv(written[2], results)
     if plot and t.heat and len(t.heat[5]) > 1:
         heatmap(out_dir / f"table-{table}.png", *t.heat)
+        written.append(out_dir / f"table-{table}.png")
+    if plot and hasattr(t, "line_plot") and t.line_plot(out_dir / f"table-{table}.png"):  # levers: V per block
         written.append(out_dir / f"table-{table}.png")
     return md, written

@@ -99,6 +99,12 @@ def untuned(results: list[dict]) -> list[dict]:
     return [r for r in results if "train" not in r]
 
 
+def is_peer(result: dict) -> bool:
+    """Whether ``result`` is a peer's run (a sentence-transformers model, ``model=minilm`` or
+    ``model=sentence-transformers``: its results.json has a ``peer`` section)."""
+    return bool(result.get("peer"))
+
+
 # --- published numbers --------------------------------------------------------------------------------
 
 def load_references() -> dict:

@@ -1,7 +1,8 @@
 """The tables of a report, as markdown and CSV: the paper's four tables (``pooling``, ``prompts``,
 ``finetune``, ``reference``), each with the published numbers beside ours where they exist, the generic
-pivot of any two result fields (no ``--table``) and the before/after table of fine-tuned runs. Cells are
-V-measure x 100; a ``Table`` also carries what its heat map shows."""
+pivot of any two result fields (no ``--table``), the before/after table of fine-tuned runs and the rows of
+peers (sentence-transformers models) beside the LLMs' best configurations. Cells are V-measure x 100; a
+``Table`` also carries what its heat map shows."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 from embedkit.embed.pooling import MODES
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
-from embedkit.report.results import paper_entry, task_set, untuned
+from embedkit.report.levers import levers_table
+from embedkit.report.results import is_peer, paper_entry, task_set, untuned
 
-TABLES = ("pooling", "prompts", "finetune", "reference")
+TABLES = ("pooling", "prompts", "finetune", "reference", "levers")
 POOLING_ORDER = MODES  # table rows in the order the poolings are defined
 
 
@@ -96,6 +98,7 @@ def pooling_table(results: list[dict], refs: dict) -> Table:
               for m in models if m not in known]
     notes += [f"paper, stated without numbers: {c['text']}" for c in refs["paper"].get("claims", [])
               if c["table"] == "pooling"]
+    notes += peer_notes(results)
     title = f"Pooling without a prompt: mean V-measure x100 over {', '.join(tasks_of(runs))}"
     return Table(title, ["model", *poolings], rows, notes, (title, "model", "pooling", models, poolings, cells))
 
@@ -104,9 +107,9 @@ def prompts_table(results: list[dict], refs: dict) -> Table:
     """Paper table 2: prompt (rows) x pooling (columns), per model.
 
     Takes the results and the reference data (``load_references()``); returns the ``Table``."""
-    runs = untuned(results)
+    runs = [r for r in untuned(results) if not is_peer(r)]  # a peer has no prompt or pooling: a note below
     if not runs:
-        raise EmbedkitError("no runs without fine-tuning under the given folders; run `make table-prompts` first")
+        raise EmbedkitError("no LLM runs without fine-tuning under the given folders; run `make table-prompts` first")
     poolings = ordered(r["pooling"] for r in runs)
     models = list(dict.fromkeys(r["model"] for r in runs))
     cells = {(r["model"], r["prompt"], r["pooling"]): 100 * r["mean"] for r in runs}
@@ -134,6 +137,7 @@ def prompts_table(results: list[dict], refs: dict) -> Table:
     known = {e["model"] for e in refs["paper"]["entries"]}
     notes += [f"{m}: no published numbers (the paper's known numbers are for {', '.join(sorted(known))})"
               for m in models if m not in known]
+    notes += peer_notes(results)
     title = f"Prompt x pooling: mean V-measure x100 over {', '.join(tasks_of(runs))}"
     heat_rows = list(dict.fromkeys(k[0] for k in heat_cells))
     return Table(title, ["model", "prompt", *poolings], rows, notes,
@@ -179,6 +183,8 @@ def finetune_table(results: list[dict], refs: dict | None = None) -> Table:
 
 
 def _label(r: dict) -> str:
+    if is_peer(r):
+        return f"{r['model']} (peer)"
     tuned = " +LoRA" if ("train" in r or r.get("adapter")) else ""
     return f"{r['model']} {r['prompt']}/{r['pooling']}{tuned}"
 
@@ -226,7 +232,7 @@ def reference_table(results: list[dict], refs: dict) -> Table:
 
 
 BUILDERS = {"pooling": pooling_table, "prompts": prompts_table, "finetune": finetune_table,
-            "reference": reference_table}
+            "reference": reference_table, "levers": levers_table}
 
 
 # --- the generic pivot (no --table) ------------------------------------------------------------------
@@ -283,4 +289,52 @@ def finetune_details(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['prompt']} | {r['pooling']} | {t['pairs']['name']} | "
                      f"{t['steps']} x {t['pairs_seen'] // max(t['steps'], 1)} | {t['negatives_per_loss']}-way | "
                      f"{before:.1f} | {after:.1f} | {after - before:+.1f} | {t['wall_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+# --- peers beside the LLMs -------------------------------------------------------------------------------
+
+def _own_pooling(r: dict) -> str:
+    peer = r.get("peer") or {}
+    return f"{peer.get('pooling', '?')}{'+normalize' if peer.get('normalize') else ''}"
+
+
+def peer_notes(results: list[dict]) -> list[str]:
+    """One note per peer run in ``results`` (for the paper tables, whose grid of prompts and poolings a peer
+    has no place in): its mean V-measure x100 and the tasks it was scored on."""
+    return [f"peer {r['model']} (sentence-transformers; no prompt, its own {_own_pooling(r)} pooling): "
+            f"{100 * r['mean']:.1f} mean over {', '.join(r['scores'])}" for r in results if is_peer(r)]
+
+
+def peer_details(results: list[dict]) -> str:
+    """Peers beside the LLMs, one row each: every peer (and task set), and per LLM model its best configuration
+    without and with fine-tuning, with their mean and per-task V-measure x100 (the best mean bold). A markdown
+    section, or "" if no peer run is among ``results``."""
+    peers = [r for r in results if is_peer(r)]
+    if not peers:
+        return ""
+    # one row per peer and task set (the same model re-run, e.g. under another prompt that it ignores: the latest)
+    peers = list({(r["model"], r["peer"].get("weights_sha256"), tuple(r["scores"])): r for r in peers}.values())
+    llms = [r for r in results if not is_peer(r)]
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in llms):
+        for tuned in (False, True):
+            runs = [r for r in llms if r["model"] == model and ("train" in r) == tuned]
+            if runs:
+                kind = (f"LLM, best of {len(runs)}{' fine-tuned' if tuned else ''} "
+                        f"configuration{'s' * (len(runs) != 1)}")
+                rows.append((max(runs, key=lambda r: r["mean"]), kind))
+    rows += [(r, "peer (sentence-transformers)") for r in peers]
+    tasks = tasks_of([r for r, _ in rows])
+    best = max(r["mean"] for r, _ in rows)
+    lines = ["### peers beside the LLMs: V-measure x100", "",
+             "| model | kind | prompt | pooling | mean | " + " | ".join(tasks) + " |",
+             "|" + "---|" * (5 + len(tasks))]
+    for r, kind in rows:
+        name = f"{r['model']} +LoRA" if "train" in r else r["model"]
+        cells = [fmt(100 * r["scores"][t]) if t in r["scores"] else "" for t in tasks]
+        lines.append(f"| {name} | {kind} | {r['prompt']} | {r['pooling']} | "
+                     f"{fmt(100 * r['mean'], r['mean'] == best)} | " + " | ".join(cells) + " |")
+    if len({tuple(sorted(r["scores"])) for r, _ in rows}) > 1:
+        lines += ["", "- these rows were scored on different tasks: compare the per-task columns, not the means"]
     return "\n".join(lines) + "\n"

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from embedkit.errors import EmbedkitError
 
-# settings that change where or how often checkpoints are written, not what is trained
-_NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export")
+# settings that change where or how often checkpoints are written, or when a run stops, not what one step does
+# (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
+_NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes")
 
 
 @dataclass
@@ -53,13 +54,17 @@ class TrainConfig:
 
     max_steps: int = 100
     epochs: int = 1
+    max_minutes: float | None = None
     scheduler: str = "linear"
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
     model_dropout: float = 0.05
-    """Schedule and numerics: steps are ``min(max_steps, epochs * steps_per_epoch)``; the transformers
+    """Schedule and numerics: steps are ``min(max_steps, epochs * steps_per_epoch)``; ``max_minutes`` (None: no
+    budget) is a wall-time budget for the training loop: the run stops after the step during which it ran
+    out, saves a checkpoint and the adapter as at a normal end and records ``stopped_by: budget`` (the LR
+    schedule stays planned for all steps; ``resume`` continues it; not hashed); the transformers
     scheduler and its warmup; gradient clipping; ``auto`` (bf16 autocast on CUDA and bf16 CPUs, else fp32),
     ``fp32``, ``bf16`` or ``fp16``; activation checkpointing; the attention dropout while training (the
     paper's "model dropout": SimCSE pairs, anchor == positive, need it > 0)."""
@@ -82,6 +87,8 @@ class TrainConfig:
             (self.chunk_size >= 1, f"train.chunk_size={self.chunk_size} must be >= 1"),
             (self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1"),
             (self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0,
+             f"train.max_minutes={self.max_minutes} must be > 0 (null: no time budget)"),
             (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
             (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
             (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),
@@ -104,6 +111,6 @@ class TrainConfig:
 
     def fingerprint(self, *parts) -> str:
         """A 12-hex-digit hash of the trained-on settings (all fields but resume, save_every,
-        keep_checkpoints and export) and ``parts`` (JSON-able: other config nodes, the seed)."""
+        keep_checkpoints, export and max_minutes) and ``parts`` (JSON-able: other config nodes, the seed)."""
         keep = {k: v for k, v in vars(self).items() if k not in _NOT_HASHED}
         return hashlib.sha256(json.dumps([keep, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]

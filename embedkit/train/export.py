@@ -41,12 +41,34 @@ def prompt_post_processor(tokenizer, prompt: Prompt, append_eos: bool):
     return TemplateProcessing(single=single, special_tokens=list(zip(names, head + tail))), len(head) + len(tail)
 
 
+def check_exportable(prompt, pooling: Pooling) -> None:
+    """Raise ``EmbedkitError`` naming the lever that a plain sentence-transformers folder cannot express (it
+    runs the model's last hidden state through one prompt and its own pooling modules)."""
+    if pooling.mode not in _ST_POOLING:
+        raise EmbedkitError(f"train.export=true: pooling '{pooling.mode}' has no sentence-transformers "
+                            f"equivalent; export one of {', '.join(_ST_POOLING)}")
+    if not pooling.is_default_view:
+        raise EmbedkitError(f"train.export=true: pooling.layer={pooling.describe()['layer']} (final_norm="
+                            f"{pooling.final_norm}) cannot be expressed in sentence-transformers, which pools the "
+                            "last hidden state; export with pooling.layer=-1 or set train.export=false")
+    if pooling.span == "text" and pooling.mode in ("mean", "weighted_mean") and getattr(prompt, "template", "") != "{text}":
+        raise EmbedkitError("train.export=true: pooling.span=text (pool only the text's tokens) cannot be expressed "
+                            "with the prompt baked into the tokenizer; export with pooling.span=all")
+    if not isinstance(prompt, Prompt):
+        raise EmbedkitError(f"train.export=true: prompt '{prompt.name}' is an ensemble; sentence-transformers runs "
+                            "one prompt per text")
+    if prompt.copies > 1:
+        raise EmbedkitError(f"train.export=true: prompt '{prompt.name}' repeats the text (echo); "
+                            "sentence-transformers' tokenizer template holds it once")
+
+
 def export_sentence_transformers(backbone: Backbone, prompt: Prompt, pooling: Pooling, max_length: int,
                                  folder: str | os.PathLike) -> Path:
     """Write a sentence-transformers model folder (atomically: complete or absent)."""
     if pooling.mode not in _ST_POOLING:
         raise EmbedkitError(f"pooling '{pooling.mode}' cannot be exported to sentence-transformers; "
                             f"export one of {', '.join(_ST_POOLING)}")
+    check_exportable(prompt, pooling)
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling as STPooling, Transformer
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import re
 
 import torch
 
-from embedkit.embed.encoder import collate, last_hidden
+from embedkit.embed.encoder import collate
 from embedkit.embed.models import Backbone, cpu_supports_bf16
-from embedkit.embed.pooling import Pooling, pool_all
+from embedkit.embed.pooling import Pooling
+from embedkit.embed.states import decoder_blocks, num_blocks, pooled_views, text_mask
 from embedkit.errors import EmbedkitError
 from embedkit.train.config import TrainConfig
 
+log = logging.getLogger(__name__)
 
-def make_lora_model(backbone: Backbone, cfg: TrainConfig):
-    """A peft model: a deep copy of ``backbone.model`` with a LoRA adapter on ``cfg.target_modules``,
+
+def make_lora_model(backbone: Backbone, cfg: TrainConfig, pooling: Pooling | None = None):
+    """A peft model: a deep copy of ``backbone.model`` with a LoRA adapter on ``cfg.target_modules`` (of the
+    blocks up to the highest one ``pooling`` reads),
     attention dropout ``cfg.model_dropout``, and activation checkpointing if asked. Raises
     ``EmbedkitError`` for target modules the model lacks or a model dropout it cannot apply."""
     from peft import LoraConfig, get_peft_model
@@ -41,7 +47,7 @@ def make_lora_model(backbone: Backbone, cfg: TrainConfig):
             if hasattr(module, "attention_dropout"):
                 module.attention_dropout = cfg.model_dropout
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none")
+                      target_modules=lora_targets(model, cfg.target_modules, pooling), bias="none")
     if getattr(model, "is_quantized", False):  # QLoRA: norms in fp32, inputs require grad
         from peft import prepare_model_for_kbit_training
 
@@ -51,6 +57,21 @@ def make_lora_model(backbone: Backbone, cfg: TrainConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def lora_targets(model, names, pooling: Pooling | None) -> list[str] | str:
+    """peft's ``target_modules``: the module ``names``, or, when ``pooling`` reads a block below the last, a
+    regular expression for those modules in blocks 0..k only (blocks above k cannot change the embedding)."""
+    n = num_blocks(model)
+    top = max(pooling.resolve_layers(n)) if pooling is not None else n - 1
+    if top == n - 1:
+        return list(names)
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    log.info("pooling reads block %d: LoRA goes on blocks 0-%d only (the %d blocks above cannot change the "
+             "embedding)", top, top, n - 1 - top)
+    return (rf"^{re.escape(prefix)}\.({'|'.join(map(str, range(top + 1)))})\..*"
+            rf"\.({'|'.join(map(re.escape, names))})$")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -75,22 +96,31 @@ def width_groups(lengths: list[int], ratio: float = 0.5) -> list[list[int]]:
 
 
 def embed_sequences(model, seqs: list[tuple[int, ...]], pooling: Pooling, pad_id: int, device: torch.device,
-                    dtype: torch.dtype | None, position_ids: bool) -> torch.Tensor:
+                    dtype: torch.dtype | None, position_ids: bool,
+                    spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """[len(seqs), D] float32: the pooled embeddings of the token sequences ``seqs``, in their order,
-    under autocast ``dtype`` (``None``: fp32), with whatever train/eval mode ``model`` is in.
+    under autocast ``dtype`` (``None``: fp32), with whatever train/eval mode ``model`` is in. The pooled
+    states are those evaluation pools (``pooling.layer``, ``final_norm``, and ``span`` over the texts'
+    ``spans``, needed for ``span=text``).
 
     On CPU, sequences of very different lengths (short titles and long bodies) run as separate passes, so
     short ones are not padded to the longest; the split depends on lengths only, so a GradCache replay
     draws the same dropout masks. On a GPU, passes of a few thousand tokens are bound by kernel launches,
     not arithmetic: one pass."""
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    n_layers = num_blocks(model)
+    views = pooling.views(n_layers)
+    if pooling.span == "text" and spans is None:
+        raise EmbedkitError("pooling.span=text needs the texts' token spans")
     reps, order = [], []
     groups = width_groups([len(s) for s in seqs]) if device.type == "cpu" else [list(range(len(seqs)))]
     for group in groups:
         ids, mask = collate([seqs[i] for i in group], pad_id, device)
+        tmask = text_mask([spans[i] for i in group], [len(seqs[i]) for i in group], ids.shape[1], device) \
+            if pooling.span == "text" else None
         with ctx:
-            hidden = last_hidden(model, ids, mask, position_ids)
-        reps.append(pooling.select(pool_all(hidden, mask)).float())
+            pooled = pooled_views(model, ids, mask, views, tmask, position_ids)
+        reps.append(pooling.select(pooled, n_layers).float())
         order += group
     out = torch.cat(reps)
     if order != sorted(order):

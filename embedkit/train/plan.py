@@ -18,7 +18,7 @@ import math
 import torch
 
 from embedkit.data.pairs import PairSet
-from embedkit.embed.prompts import Prompt, tokenize
+from embedkit.embed.prompts import Prompt, PromptEnsemble, tokenize
 from embedkit.errors import EmbedkitError
 from embedkit.train.config import TrainConfig
 from embedkit.train.distributed import chunk_groups, rank_and_world, rank_slices
@@ -55,10 +55,16 @@ class TrainingPlan:
         self.steps_per_epoch = len(pairs) // cfg.batch_size
         self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
         # the text is cut to max_length tokens before the prompt wraps it
-        tok = lambda texts: [t.ids for t in tokenize(tokenizer, prompt, texts, cfg.max_length)]  # noqa: E731
-        self.anchor_ids: list[Sequence] = tok(pairs.anchors)
-        self.positive_ids: list[Sequence] = tok(pairs.positives)
-        self.negative_ids: list[Sequence] | None = tok(pairs.negatives) if pairs.negatives else None
+        if isinstance(prompt, PromptEnsemble):
+            raise EmbedkitError(f"prompt={prompt.name} is an ensemble: fine-tuning trains one prompt; pick one member")
+        tok = lambda texts: tokenize(tokenizer, prompt, texts, cfg.max_length)  # noqa: E731
+        anchors, positives = tok(pairs.anchors), tok(pairs.positives)
+        negatives = tok(pairs.negatives) if pairs.negatives else None
+        self.anchor_ids: list[Sequence] = [t.ids for t in anchors]
+        self.positive_ids: list[Sequence] = [t.ids for t in positives]
+        self.negative_ids: list[Sequence] | None = [t.ids for t in negatives] if negatives else None
+        self._spans = ([t.text_span for t in anchors], [t.text_span for t in positives],
+                       [t.text_span for t in negatives] if negatives else None)
         keys: dict[Sequence, int] = {}  # one integer per distinct token sequence (false negatives)
         self._anchor_key = torch.tensor([keys.setdefault(t, len(keys)) for t in self.anchor_ids])
         self._positive_key = torch.tensor([keys.setdefault(t, len(keys)) for t in self.positive_ids])
@@ -97,6 +103,11 @@ class TrainingPlan:
         if self.negative_ids is not None:
             seqs += [self.negative_ids[i] for i in idx]
         return seqs
+
+    def spans(self, idx: list[int]) -> list[tuple[int, int]]:
+        """The text spans (``Tokenized.text_span``) of ``sequences(idx)``, in the same order."""
+        a, p, n = self._spans
+        return [a[i] for i in idx] + [p[i] for i in idx] + ([n[i] for i in idx] if n is not None else [])
 
     def same_text(self, idx: list[int]) -> torch.Tensor:
         """[n, n] bool: off-diagonal pairs of ``idx`` with the same anchor or the same positive tokens
@@ -140,6 +151,6 @@ class TrainingPlan:
                     f"{name}: every anchor equals its positive (SimCSE-style pairs) but train.model_dropout=0, so "
                     "both views of a pair are the same embedding and there is no training signal (LoRA dropout "
                     "does not help: lora_B starts at 0). Set train.model_dropout>0 (e.g. train.model_dropout=0.1) "
-                    "or make positives with an augmentation (e.g. augmentation=noise)")
+                    "or make positives with an augmentation (augmentation=crop, first_rest or noise; augmentation=dropout is SimCSE and needs train.model_dropout>0 too)")
             log.warning("%s: %d of %d pairs have anchor == positive; with train.model_dropout=0 their two views "
                         "are identical (set train.model_dropout>0 for SimCSE pairs)", name, same, len(self.anchor_ids))

@@ -18,7 +18,8 @@ own slice of every batch, embeddings are all-gathered (with gradients) so the lo
 and LoRA gradients are all-reduced (``embedkit.train.distributed``). Checkpoints (adapter + optimizer +
 scheduler + RNG + step) are written atomically every ``save_every`` steps under a folder keyed by the
 training configuration, so running the same command again with ``train.resume=true`` continues where it
-stopped.
+stopped. A wall-time budget (``train.max_minutes``) ends the loop after the step during which it ran out,
+with a checkpoint there; the LR schedule stays planned for ``total_steps`` (a resumed run continues it).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
         self.pooling, self.logger, self.show_progress = pooling, logger, show_progress
         self.tokenizer, self.device, self.base_name = backbone.tokenizer, backbone.device, backbone.name
-        self.model = make_lora_model(backbone, cfg)
+        self.model = make_lora_model(backbone, cfg, pooling)
         self.position_ids = takes_position_ids(self.model)
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.optimizer = optimizer_factory(self.trainable_parameters())
@@ -119,8 +120,10 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train from step 0 (or, with ``train.resume``, from the newest checkpoint) to ``total_steps``;
-        returns the summary (steps, losses, speed, memory, negatives, false negatives, pairs)."""
+        """Train from step 0 (or, with ``train.resume``, from the newest checkpoint) to ``total_steps``, or
+        until the step during which ``train.max_minutes`` ran out (a checkpoint is written there too);
+        returns the summary (steps made and planned, ``stopped_by``: ``steps`` or ``budget``, losses, speed,
+        memory, negatives, false negatives, pairs)."""
         cfg = self.cfg
         if cfg.resume:
             self._resume()
@@ -134,7 +137,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.show_progress or self.rank != 0, dynamic_ncols=True)
-        loss = float("nan")
+        loss, stopped_by = float("nan"), "steps"
         while self.step < self.total_steps:
             epoch, batch = self.plan.epoch(self.step), self.plan.batch(self.step)  # batch
             t = time.perf_counter()
@@ -149,14 +152,26 @@ class Trainer:
                 self.logger.log(row, step=self.step)
             bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{len(batch) / dt:.1f}")
             bar.update(1)
-            if self.checkpoint_dir is not None and (self.step % cfg.save_every == 0 or self.step == self.total_steps):
+            if self.step < self.total_steps and self.out_of_time(t0):             # time budget (train.max_minutes)
+                stopped_by = "budget"
+            if self.checkpoint_dir is not None and (self.step % cfg.save_every == 0 or self.step == self.total_steps
+                                                    or stopped_by == "budget"):
                 self.save_checkpoint()                                            # checkpoint
+            if stopped_by == "budget":
+                log.warning("train.max_minutes=%g ran out: stopped after step %d of %d (%.1f s); checkpoint and "
+                            "adapter saved as at a normal end. The LR schedule was planned for %d steps and stops "
+                            "at lr %.3g; train.resume=true continues it", cfg.max_minutes, self.step,
+                            self.total_steps, time.perf_counter() - t0, self.total_steps,
+                            self.scheduler.get_last_lr()[0])
+                break
         bar.close()
         wall = time.perf_counter() - t0
         if self.false_negatives:
             log.warning("masked %d false-negative pairs (identical anchors or positives in one batch)",
                         self.false_negatives)
-        return {"steps": self.step, "steps_this_run": self.step - start_step, "resumed_from": start_step or None,
+        return {"steps": self.step, "steps_planned": self.total_steps, "stopped_by": stopped_by,
+                "max_minutes": cfg.max_minutes, "steps_this_run": self.step - start_step,
+                "resumed_from": start_step or None,
                 "pairs_seen": self.step * cfg.batch_size, "final_loss": loss,
                 "first_loss": self.history[0]["train/loss"] if self.history else None,
                 "wall_s": round(wall, 2), "pairs_per_s": round(pairs_seen / wall, 2) if wall else None,
@@ -165,6 +180,18 @@ class Trainer:
                 "false_negatives_masked": self.false_negatives, "world_size": self.world,
                 "autocast": str(self.dtype).removeprefix("torch.") if self.dtype else "fp32",
                 "pairs": self.pairs.describe()}
+
+    def out_of_time(self, t0: float) -> bool:
+        """Whether the budget ``train.max_minutes`` (None: none) has run out since ``t0`` (``perf_counter``);
+        under torchrun rank 0's clock decides for every rank, so all stop after the same step."""
+        if self.cfg.max_minutes is None:
+            return False
+        over = time.perf_counter() - t0 >= self.cfg.max_minutes * 60
+        if self.world > 1:
+            flag = torch.tensor([float(over)], device=self.device)
+            dist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        return over
 
     def train_step(self, batch: list[int]) -> float:
         """One optimizer step on the pairs ``batch`` (global indices; each rank takes its slice): forward and
@@ -229,7 +256,7 @@ class Trainer:
         """The embeddings of the pairs ``idx`` (global indices) through the LoRA model, in one encoding:
         ``(anchors, positives, hard negatives or None)``, each [len(idx), D] float32."""
         reps = embed_sequences(self.model, self.plan.sequences(idx), self.pooling, self.tokenizer.pad_token_id,
-                               self.device, self.dtype, self.position_ids)
+                               self.device, self.dtype, self.position_ids, spans=self.plan.spans(idx))
         n = len(idx)
         return reps[:n], reps[n:2 * n], (reps[2 * n:] if self.plan.negative_ids is not None else None)
 
