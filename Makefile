@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference table-levers
+.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference table-levers adapt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -81,6 +81,16 @@ table-levers: setup  ## levers beyond the paper (layer, span, echo, MetaEOL) on 
 	    $$( [ "$$part" = layers ] && [ -n "$(LAYERS)" ] && echo "pooling.layer=$(LAYERS)" ) \
 	    hydra.sweep.dir=$$dir/$$part $(ARGS); \
 	done; $(BIN)/embedkit-report $$dir --table levers --model $(MODEL)
+
+TEXTS ?=
+DATA_ARGS ?=
+adapt: setup  ## adapt the model to your unlabelled texts (10-min budget), evaluate before/after beside all-MiniLM-L6-v2, export: make adapt TEXTS=<file> DATA=<folder>
+	@test -n "$(TEXTS)" -a -n "$(DATA)" || { echo "make adapt needs TEXTS=<jsonl or txt file of your texts> DATA=<folder of labelled JSONL sets>"; exit 2; }
+	@set -e; dir=$(OUTPUTS)/adapt/$(TABLE_TIME); \
+	$(BIN)/embedkit experiment=adapt model=$(MODEL) pairs.path=$(TEXTS) data=jsonl data.root=$(DATA) $(DATA_ARGS) \
+	  hydra.run.dir=$$dir/adapted $(ARGS); \
+	$(BIN)/embedkit model=minilm data=jsonl data.root=$(DATA) $(DATA_ARGS) hydra.run.dir=$$dir/peer; \
+	$(BIN)/embedkit-report $$dir
 
 attention: setup  ## where the final token attends (charts, text share), offline: make attention ARGS='prompt=eol'
 	$(BIN)/embedkit-attention $(ARGS)

@@ -387,10 +387,10 @@ if step == "encode":  # the first forward pass of the job with prompt <value>
 
     encode_unique = Encoder._encode_unique
 
-    def held_encode(self, texts, desc):
-        if self.prompt.name == value:
+    def held_encode(self, texts, views, prompt, desc):
+        if prompt.name == value:
             hold(f"the encode of prompt {value}")
-        return encode_unique(self, texts, desc)
+        return encode_unique(self, texts, views, prompt, desc)
 
     Encoder._encode_unique = held_encode
     from embedkit.commands.embed import main

@@ -228,6 +228,7 @@ def test_the_adapt_experiment_is_unlabelled_texts_with_crops_and_a_budget():
         validate(config("experiment=adapt"))
     cfg = config("experiment=adapt", f"pairs.path={NEWS}", "pairs.text_field=positive")
     validate(cfg)
-    assert (cfg.train.name, cfg.augmentation.name, cfg.train.max_minutes) == ("lora", "crop", 30)
+    assert (cfg.train.name, cfg.augmentation.name, cfg.train.max_minutes) == ("lora", "crop", 10)
+    assert cfg.train.export  # the recipe exports a sentence-transformers folder
     assert len(instantiate(cfg.pairs)) == 6633  # every distinct body of the 6,667 (34 duplicates kept once)
     check_dropout_views(cfg.augmentation, cfg.pairs, cfg.train.model_dropout)

@@ -215,10 +215,13 @@ class Encoder:
         return {v: _float32(got.get(v) or out[v]) for v in views}
 
     def _pass_views(self, missing: list[str]) -> list[str]:
-        """The views one forward pass computes: those missing, and with ``layers=auto`` (when a block other
-        than the last hidden state is asked: a layer sweep is likely) or ``layers=all`` every block."""
+        """The views one forward pass computes: those missing, and, with the embedding cache on, every block
+        for ``layers=all`` or for ``layers=auto`` when a block other than the last hidden state is asked (a
+        layer sweep is likely)."""
         n = self.n_layers
-        every = self.layers == "all" or (self.layers == "auto" and missing != [default_view(n)])
+        # without the embedding cache no later job could read the extra blocks: pool only what is asked
+        every = self.cache_dir is not None and (
+            self.layers == "all" or (self.layers == "auto" and missing != [default_view(n)]))
         if not every:
             return missing
         flags = {parse_view(v)[1] for v in missing if parse_view(v)[0] != n - 1} or {False}

@@ -113,7 +113,8 @@ def _task_rows(runs: list[tuple[list[str], dict]], tasks: list[str]) -> list[lis
 
 def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
     """The four lever sections from untuned runs (see the module doc)."""
-    results = [r for r in results if "train" not in r and r.get("prompt") != "n/a"]
+    peers = [r for r in results if "peer" in r and "train" not in r]
+    results = [r for r in results if "train" not in r and "peer" not in r]
     if not results:
         raise EmbedkitError("no untuned LLM runs under the given folders; run `make table-levers` first")
     models = sorted({r["model"] for r in results})
@@ -144,7 +145,7 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
 
     span_runs = [r for r in results if _block(r) is not None and _spec(r)["layer"] == -1
                  and _spec(r)["mode"] in ("mean", "weighted_mean") and _spec(r)["final_norm"] == "auto"]
-    keys = sorted({(r["prompt"], _spec(r)["mode"]) for r in span_runs})
+    keys = sorted({(r["prompt"], _spec(r)["mode"]) for r in span_runs if not r["prompt"].startswith("echo")})
     rows = []
     for prompt, mode in keys:
         by_span = {_spec(r)["span"]: r["mean"] for r in span_runs if (r["prompt"], _spec(r)["mode"]) == (prompt, mode)}
@@ -157,6 +158,7 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
 
     echo = [r for r in results if r["prompt"] in ("echo", "echo_once") and _spec(r)["layer"] == -1
             and _spec(r)["final_norm"] == "auto"]
+    echo = [r for r in echo if _spec(r)["span"] == "all" or _spec(r)["mode"] not in ("last", "eos")]  # span: no-op
     echo.sort(key=lambda r: (_spec(r)["mode"], _spec(r)["span"], r["prompt"]))
     if echo:
         runs = [([r["prompt"], _spec(r)["mode"], _spec(r)["span"]], r) for r in echo]
@@ -170,6 +172,10 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
         runs = [([r["prompt"]], r) for r in meta]
         t.sections.append(("4. MetaEOL: each meta-task prompt vs their ensemble (last-token pooling)",
                            ["prompt", *tasks, "mean"], _task_rows(runs, tasks)))
+    for r in peers:  # a purpose-built embedder on the same tasks, for scale
+        if set(r["scores"]) == set(tasks):
+            t.notes.append(f"peer {r['model']} (sentence-transformers) on the same tasks: {_fmt(r['mean'])} ("
+                           + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(r["scores"].items())) + ")")
     if not t.sections:
         raise EmbedkitError("none of the lever sections has runs under the given folders; run `make table-levers`")
     return t
