@@ -160,7 +160,7 @@ def test_fine_tuning_run_improves_clustering_and_its_adapter_reloads(tmp_path, c
     r = run_cli(*common, "train=lora", "pairs=jsonl", f"pairs.path={pairs}", "pairs.max_rows=256",
                 "train.batch_size=32", "train.chunk_size=16", "train.max_steps=8", "train.warmup_steps=0", "train.r=16",
                 "train.alpha=32", "train.temperature=0.05", "train.max_length=16", "optimizer.lr=3e-4",
-                "train.save_every=4", cwd=tmp_path, timeout=1500)  # ~5 min alone on 2 fp32 cores; more when shared
+                "train.save_every=4", cwd=tmp_path, timeout=1500)  # 2.5 min alone on 2 fp32 cores; more when shared
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = (tmp_path / "outputs" / "runs").glob("*/results.json")
     res = json.loads(path.read_text())
