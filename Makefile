@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference table-levers adapt
+.PHONY: help setup demo test bench report clean attention table-pooling table-prompts table-finetune table-reference table-levers table-adapt adapt
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -91,6 +91,18 @@ adapt: setup  ## adapt the model to your unlabelled texts (10-min budget), evalu
 	  hydra.run.dir=$$dir/adapted $(ARGS); \
 	$(BIN)/embedkit model=minilm data=jsonl data.root=$(DATA) $(DATA_ARGS) hydra.run.dir=$$dir/peer; \
 	$(BIN)/embedkit-report $$dir
+
+TRAIN ?=
+TRAIN_ARGS ?=
+SEEDS ?= 0,1,2
+table-adapt: setup  ## the recipe vs the untuned model and all-MiniLM-L6-v2 per set, SEEDS seeds: make table-adapt TRAIN=<texts or pairs> DATA=<folder> [TRAIN_ARGS='pairs=jsonl augmentation=none']
+	@test -n "$(TRAIN)" || { echo "make table-adapt needs TRAIN=<texts (jsonl/txt) or, with TRAIN_ARGS='pairs=jsonl augmentation=none', a pair file> from domains other than DATA's"; exit 2; }
+	@set -e; dir=$(OUTPUTS)/tables/adapt/$(TABLE_TIME); data="$(if $(DATA),data=jsonl data.root=$(DATA),data=mteb_clustering_v1)"; \
+	$(BIN)/embedkit -m experiment=table_adapt_untuned model=$(MODEL) $$data $(DATA_ARGS) hydra.sweep.dir=$$dir/untuned $(ARGS); \
+	$(BIN)/embedkit -m experiment=adapt model=$(MODEL) seed=$(SEEDS) pairs.path=$(TRAIN) $(TRAIN_ARGS) train.export=false \
+	  $$data $(DATA_ARGS) hydra.sweep.dir=$$dir/recipe $(ARGS); \
+	$(BIN)/embedkit model=minilm $$data $(DATA_ARGS) hydra.run.dir=$$dir/peer; \
+	$(BIN)/embedkit-report $$dir --table adapt
 
 attention: setup  ## where the final token attends (charts, text share), offline: make attention ARGS='prompt=eol'
 	$(BIN)/embedkit-attention $(ARGS)

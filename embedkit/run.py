@@ -8,7 +8,9 @@
    tokenizes the pairs once and refuses pairs that teach nothing, still before any encoding);
 4. evaluate the base model; for training ``fine_tune`` it and evaluate the tuned model;
 5. ``assemble_results``: the one place ``results.json``'s fields are put together; it is written
-   atomically into the run folder (by rank 0 under torchrun) and its summary logged.
+   atomically into the run folder (by rank 0 under torchrun) and its summary logged; with ``train.export``
+   the sentence-transformers folder is written just before it (its model card holds these results), and
+   ``train.push_to_hub`` uploads that folder last (access is checked in ``build``).
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedkit.augment.sources import check_dropout_views
 from embedkit.data.pairs import PairSet
-from embedkit.embed.encoder import Encoder
+from embedkit.embed.encoder import Encoder, flush_cache_writes
 from embedkit.embed.peer import PeerBackbone, PeerEncoder, not_applicable
 from embedkit.embed.prompts import PromptEnsemble
 from embedkit.embed.states import num_blocks
 from embedkit.errors import EmbedkitError
+from embedkit.evaluate.mteb_results import write_mteb_results
 from embedkit.io import check_writable, write_json
-from embedkit.loggers import NullLogger
+from embedkit.loggers import NullLogger, results_table, started
 from embedkit.runtime import git_commit, seed_everything, versions
-from embedkit.schema import validate
+from embedkit.schema import check_objective, validate
 from embedkit.train import TrainConfig, Trainer, TrainingPlan, export_sentence_transformers, rank_and_world
 from embedkit.train.export import check_exportable
+from embedkit.train.hub import check_hub_access, push_folder
+from embedkit.train.model_card import run_command
 
 __all__ = ["Built", "LEGACY_TARGETS", "Training", "assemble_results", "augment_pairs", "build", "checkpoint_key", "fine_tune",
            "logged", "make_encoder", "plan_training", "run"]
@@ -79,6 +84,9 @@ def build(cfg: DictConfig) -> Built:
     elif cfg.augmentation.name != "none":
         log.warning("augmentation=%s has no effect without fine-tuning (train=lora)", cfg.augmentation.name)
     check_levers(built)
+    if built.training is not None and built.training.cfg.push_to_hub:  # offline or no token: refused before training
+        check_hub_access(built.training.cfg.push_to_hub)
+    check_objective(cfg.get("optimized_metric"), built.training is not None, [s.name for s in built.sets])
     return built
 
 
@@ -101,17 +109,15 @@ def check_levers(built: Built) -> None:
 
 
 @contextlib.contextmanager
-def logged(cfg: DictConfig, config: dict, run_dir: Path, group: str | None, training: bool):
-    """The run's logger (a ``NullLogger`` on ranks other than 0), started here and always finished,
-    marked failed when the block raises."""
+def logged(cfg: DictConfig, config: dict, run_dir: Path, group: str | None, training: bool,
+           name: str | None = None):
+    """The run's logger (a ``NullLogger`` on ranks other than 0), started here as ``name`` (default: the
+    run folder's name) with the experiment's tags and the model's name, and always finished, marked failed
+    when the block raises."""
     logger = instantiate(cfg.logger) if rank_and_world()[0] == 0 else NullLogger()
-    logger.start(config, name=run_dir.name, group=group, job_type="train" if training else "eval", run_dir=run_dir)
-    failed = True
-    try:
+    tags = [*(cfg.get("tags") or []), Path(str(cfg.model.get("name") or cfg.model.get("name_or_path"))).name]
+    with started(logger, config, name or run_dir.name, group, "train" if training else "eval", run_dir, tags):
         yield logger
-        failed = False
-    finally:
-        logger.finish(failed=failed)
 
 
 def make_encoder(cfg: DictConfig, backbone, prompt) -> Encoder | PeerEncoder:
@@ -196,9 +202,8 @@ def fine_tune(cfg: DictConfig, training: Training, backbone, prompt, pooling, lo
     logger.table("train_loss", ["step", "loss"], [[h["step"], h["train/loss"]] for h in trainer.history])
     tuned = trainer.tuned_backbone(backbone, adapter)
     out = {"train": summary, "adapter_dir": str(adapter)}
-    if train_cfg.export:
-        out["sentence_transformers_dir"] = str(export_sentence_transformers(
-            tuned, prompt, pooling, cfg.encode.max_length, run_dir / "sentence-transformers"))
+    if train_cfg.export:  # written by ``run`` once the tuned model's scores are known (they go in its model card)
+        out["sentence_transformers_dir"] = str(run_dir / "sentence-transformers")
     return out, tuned
 
 
@@ -242,9 +247,9 @@ def assemble_results(cfg: DictConfig, config: dict, built: Built, backbone, enco
     }
 
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) -> dict:
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0, name: str | None = None) -> dict:
     """Evaluate (and with ``train=lora`` fine-tune, then evaluate again) one configuration; returns the
-    dict written to ``run_dir/results.json``."""
+    dict written to ``run_dir/results.json``. ``group`` (the sweep) and ``name`` label the logger's run."""
     t0 = time.perf_counter()
     built = build(cfg)
     check_writable(run_dir, cfg.paths.get("min_free_mb", 0))
@@ -253,7 +258,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
     log.info("run %s on %d task(s): %s", names, len(built.sets), ", ".join(s.name for s in built.sets))
     config = OmegaConf.to_container(cfg, resolve=True)
 
-    with logged(cfg, config, run_dir, group, training=built.training is not None) as logger:
+    with logged(cfg, config, run_dir, group, training=built.training is not None, name=name) as logger:
         backbone = instantiate(cfg.model, show_progress=cfg.encode.show_progress)
         extra = {}
         if isinstance(backbone, PeerBackbone):  # results record prompt n/a and the model's own pooling
@@ -276,6 +281,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
             from_cache = {"scores": list(built.evaluator.cached_tasks), "scores_before": from_cache["scores"]}
             log.info("fine-tuning moved the mean V-measure from %.4f to %.4f", extra["mean_before"],
                      float(np.mean(list(scores.values()))))
+        flush_cache_writes()  # the embedding-cache files of this run are on disk before it reports
         t_eval = time.perf_counter()
 
         timings = {"data_s": round(t_data - t0, 3), "model_load_s": round(t_model - t_data, 3),
@@ -283,11 +289,19 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, job: int = 0) 
         results = assemble_results(cfg, config, built, backbone, encoder, scores, extra, from_cache, timings,
                                    run_dir, group, job)
         if rank_and_world()[0] == 0:  # under torchrun only rank 0 writes results
+            if "sentence_transformers_dir" in results:  # the export, its model card holding these results
+                export_sentence_transformers(backbone, built.prompt, built.pooling, cfg.encode.max_length,
+                                             results["sentence_transformers_dir"], results, run_command(),
+                                             training.cfg.push_to_hub)
             write_json(run_dir / "results.json", results)
+            write_mteb_results(results, cfg.paths.get("mteb_results"))  # registry tasks only; warns, never fails
         logger.summary({"scores": scores, "mean": results["mean"], "timings": timings,
                         "from_cache": len(from_cache["scores"]),
                         **{k: extra[k] for k in ("scores_before", "mean_before", "train", "peer") if k in extra}})
-        logger.table("scores", ["task", "v_measure"], [[k, v] for k, v in scores.items()])
+        logger.table("scores", *results_table([results]))  # per task: score (before), model, prompt, pooling
+        if training and training.cfg.push_to_hub and rank_and_world()[0] == 0:  # after results.json: nothing lost
+            log.info("uploaded %s to %s", results["sentence_transformers_dir"],
+                     push_folder(results["sentence_transformers_dir"], training.cfg.push_to_hub))
     log.info("%s: mean V-measure %.4f over %d task(s) -> %s", names, results["mean"], len(scores),
              run_dir / "results.json")
     return results

@@ -71,6 +71,22 @@ def validate(cfg: DictConfig) -> None:
     name_or_path = OmegaConf.select(cfg, "model.name_or_path", default=None, throw_on_resolution_failure=False)
     if isinstance(name_or_path, str) and name_or_path and not peer:
         check_name_or_path(name_or_path)  # a folder that is not a model: named before any work
+    check_objective(cfg.get("optimized_metric"), training=cfg.train.name != "none")
+
+
+def check_objective(metric, training: bool, tasks: list[str] | None = None) -> None:
+    """``optimized_metric`` (what a run returns to a sweeper, e.g. Optuna's) names a number of ``results.json``:
+    ``mean``, ``mean_before`` (fine-tuning runs) or ``scores.<task>``, a task of the run when ``tasks`` is given."""
+    if metric is None or metric == "mean":
+        return
+    if metric == "mean_before" and training:
+        return
+    task = metric[len("scores."):] if isinstance(metric, str) and metric.startswith("scores.") else None
+    if task and (tasks is None or task in tasks):
+        return
+    hint = f"; this run's tasks are {', '.join(tasks)}{_did_you_mean(task, tasks)}" if task and tasks else ""
+    raise EmbedkitError(f"optimized_metric={metric!r}: expected mean, scores.<task>"
+                        f"{' or mean_before' if training else ' (mean_before needs train=lora)'}{hint}")
 
 
 def check_section(prefix: str, node: DictConfig, schema: type) -> object:
@@ -251,6 +267,10 @@ def precheck(argv: list[str], config_name: str = "config") -> None:
                 extra = [f"{k}={v}" for k, v in declared.items() if k not in given]
                 if extra:
                     parsed = OverridesParser.create().parse_overrides(extra) + list(parsed)
+                _check_storage(first.hydra.sweeper.get("storage"))
+            elif any(o.get_key_element() == "hparams_search" and o.value() is not None for o in parsed):
+                raise EmbedkitError("hparams_search is a search of many runs: start it with -m (embedkit -m "
+                                    "hparams_search=...)")
             for o in parsed:
                 o.config_loader = loader  # glob(*) sweeps list the group's options
             combos = _one_value_at_a_time(parsed)
@@ -267,10 +287,20 @@ def precheck(argv: list[str], config_name: str = "config") -> None:
         GlobalHydra.instance().clear()
 
 
+def _check_storage(storage) -> None:
+    """The folder of an SQLite study (Optuna's ``hydra.sweeper.storage``) exists and is writable before the
+    sweeper opens it (SQLite does not make folders)."""
+    if isinstance(storage, str) and storage.startswith("sqlite:///") and ":memory:" not in storage:
+        check_writable(Path(storage[len("sqlite:///"):]).parent)
+
+
 def _one_value_at_a_time(parsed) -> list[list[str]]:
     fixed, sweeps = [], []
     for o in parsed:
-        if o.is_sweep_override():
+        if o.is_interval_sweep():  # a search interval (Optuna's sweeper): both ends are checked
+            sweep = o.value()
+            sweeps.append([f"{o.get_key_element()}={v}" for v in (sweep.start, sweep.end)])
+        elif o.is_sweep_override():
             values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
             sweeps.append(values)
         else:

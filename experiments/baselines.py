@@ -100,3 +100,35 @@ class PaperTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+
+class PlainLoop:
+    """A plain hand-written LoRA step, as a user would write it beside embedkit: peft LoRA on the base model,
+    anchors and positives as one left-padded forward each (the final hidden state's last token), InfoNCE
+    over the step's in-batch negatives, one backward, AdamW. No GradCache, no length grouping."""
+
+    def __init__(self, model, pad_id: int, anchors: list, positives: list, r: int, alpha: int, dropout: float,
+                 lr: float, temperature: float,
+                 targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=list(targets), bias="none"))
+        self.device = next(model.parameters()).device
+        self.pad_id, self.anchors, self.positives, self.temperature = pad_id, anchors, positives, temperature
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+
+    def _last_token(self, seqs) -> torch.Tensor:
+        ids, mask = pad(seqs, self.pad_id, "left", self.device)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].float()
+
+    def step(self, idx: list[int]) -> float:
+        """One optimizer step on the pairs ``idx``; returns the loss."""
+        self.model.train()
+        a = self._last_token([self.anchors[i] for i in idx])
+        p = self._last_token([self.positives[i] for i in idx])
+        loss = info_nce(a, p, self.temperature)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())

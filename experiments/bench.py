@@ -14,6 +14,10 @@ Every figure is a ratio against a baseline run in the same invocation on the sam
   train      the paper's step (LoRA r 64 on the CausalLM, 12-pair micro-batches x 10 accumulation) vs
              embedkit's GradCache step (120-way negatives, chunks of 12): pairs/s and peak memory,
              each scheme in its own process
+  step       one training step of 16 pairs x 128 text tokens (20 Newsgroups subject -> body), s/step and
+             peak RSS: a plain hand-written peft loop (``baselines.PlainLoop``) vs embedkit's Trainer on the
+             same token ids, LoRA r 16 on every linear layer, each in its own process; once with the
+             paper's dropouts (attention 0.05, LoRA 0.05) and once without dropout
   generate   paraphrasing one text per ``generate`` call vs batched generation (same new-token bound)
   memory     peak RSS of encoding 10k texts in a fresh process
   scaling    encode time against the number of texts and their length (linear in texts?)
@@ -49,7 +53,7 @@ DATA = ROOT.parent / "shared" / "data"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from baselines import PaperTrainer, paper_encode  # noqa: E402
+from baselines import PaperTrainer, PlainLoop, paper_encode  # noqa: E402
 from embedkit.embed.encoder import Encoder  # noqa: E402
 from embedkit.embed.models import Backbone, load_backbone, resolve_device, resolve_dtype  # noqa: E402
 from embedkit.embed.pooling import MODES, Pooling  # noqa: E402
@@ -61,14 +65,15 @@ PROFILES = {
     "cpu": dict(short=512, long=48, batch=32, max_tokens=16384, train_micro=12, train_accumulation=10,
                 train_steps=1, train_max_length=32, gen_texts=16, gen_new_tokens=48, memory_texts=10_000,
                 memory_max_length=16, scale_texts=[200, 400, 800], scale_lengths=[32, 128, 512],
-                scale_length_texts=32),
+                scale_length_texts=32, step_pairs=16, step_max_length=128, step_steps=2),
     "gpu": dict(short=4096, long=1024, batch=512, max_tokens=65536, compile=True, train_micro=12, train_accumulation=10,
                 train_steps=3, train_max_length=100, gen_texts=16, gen_new_tokens=64, memory_texts=0,
                 memory_max_length=32, scale_texts=[1000, 4000, 16000], scale_lengths=[32, 128, 512],
-                scale_length_texts=1000),
+                scale_length_texts=1000, step_pairs=64, step_max_length=128, step_steps=3),
     "smoke": dict(short=12, long=4, batch=8, max_tokens=2048, train_micro=3, train_accumulation=2,
                   train_steps=1, train_max_length=8, gen_texts=2, gen_new_tokens=4, memory_texts=40,
-                  memory_max_length=8, scale_texts=[8, 16], scale_lengths=[8, 16], scale_length_texts=4),
+                  memory_max_length=8, scale_texts=[8, 16], scale_lengths=[8, 16], scale_length_texts=4,
+                  step_pairs=4, step_max_length=16, step_steps=1),
 }
 GOALS = {  # what (key in the results) -> (goal text, test)
     "encode_short_speedup": (">= 3x CPU, >= 4x GPU", lambda v, gpu: v >= (4 if gpu else 3)),
@@ -78,6 +83,8 @@ GOALS = {  # what (key in the results) -> (goal text, test)
     "rerun_forward_calls": ("0 (no model work)", lambda v, gpu: v == 0),
     "train_speedup": (">= 0.8x CPU, >= 1.5x GPU", lambda v, gpu: v >= (1.5 if gpu else 0.8)),
     "train_memory_ratio": ("<= 1.3x one micro-batch", lambda v, gpu: v <= 1.3),
+    "step_speed_vs_plain": (">= 1.0x a plain loop", lambda v, gpu: v >= 1.0),
+    "step_memory_vs_plain": ("<= 1.0x a plain loop", lambda v, gpu: v <= 1.0),
     "generate_speedup": (">= 5x", lambda v, gpu: v >= 5),
     "levers_sweep_cost": ("<= 1.2x one encode", lambda v, gpu: v <= 1.2),
     "ensemble_forward_calls": ("0 (members cached)", lambda v, gpu: v == 0),
@@ -399,10 +406,58 @@ def bench_scaling(bb, p: dict, device) -> dict:
     return {"by_texts": by_n, "by_length": by_len, "linearity": round(per_text[-1] / per_text[-2], 3)}
 
 
+def step_child(args, p: dict, device: torch.device) -> dict:
+    """One training step of ``step_pairs`` pairs (20 Newsgroups subject -> body, bodies cut to
+    ``step_max_length`` text tokens, the EOL prompt around both) in this process: the plain loop
+    (``step-plain``) or embedkit's Trainer (``step-ours``, one pass: chunk = batch) on the same token ids,
+    with attention and LoRA dropout ``args.dropout``. The first step is the memory measurement (from a
+    clean state), the ``step_steps`` after it the speed."""
+    from embedkit.data.pairs import PairSet, load_pairs, stdlib_pairs
+    from embedkit.train import Trainer, TrainConfig
+    from embedkit.train.plan import TrainingPlan
+
+    n, steps = p["step_pairs"], p["step_steps"]
+    src = DATA / "pairs/twentynewsgroups_subject_body/train.jsonl"
+    pairs = (load_pairs(str(src), max_rows=n * (steps + 1), seed=0) if src.exists()
+             else stdlib_pairs(max_rows=n * (steps + 1), seed=0))
+    pairs = PairSet(pairs.name, pairs.anchors, pairs.positives, None, pairs.source)
+    bb, _ = build(args.model, device, want_lm=False)
+    cfg = TrainConfig(r=16, alpha=32, dropout=args.dropout, model_dropout=args.dropout, batch_size=n, chunk_size=n,
+                      max_length=p["step_max_length"], max_steps=steps + 1, warmup_steps=0, temperature=0.05,
+                      mask_false_negatives=False)
+    plan = TrainingPlan(bb.tokenizer, EOL, pairs, cfg, 0, 1)
+    torch.manual_seed(0)
+    if args.child == "step-ours":
+        trainer = Trainer(bb, EOL, Pooling("last", "last"), pairs, cfg,
+                          lambda params: torch.optim.AdamW(params, lr=1e-4), show_progress=False, plan=plan)
+        step = lambda i: trainer.train_step(plan.batch(i))  # noqa: E731
+    else:
+        model = copy.deepcopy(bb.model)
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = args.dropout
+        loop = PlainLoop(model, bb.tokenizer.pad_token_id, plan.anchor_ids, plan.positive_ids, r=16, alpha=32,
+                         dropout=args.dropout, lr=1e-4, temperature=0.05)
+        step = lambda i: loop.step(plan.batch(i))  # noqa: E731
+    del bb.model  # each side trains its own copy
+    tokens = sum(len(s) for s in plan.sequences(plan.batch(0)))
+    sync(device)
+    with PeakRSS() as rss:
+        step(0)
+        sync(device)
+    _, dt = timed(lambda: [step(i) for i in range(1, steps + 1)], device)
+    return {"scheme": args.child, "dropout": args.dropout, "pairs": n, "tokens_per_step": tokens,
+            "s_per_step": round(dt / steps, 2), "peak_rss_gib": round(rss.peak / 2**30, 3),
+            "step_memory_gib": round(max(rss.peak - rss.start, 0) / 2**30, 3)}
+
+
 def child(args) -> dict:
-    """One measurement in a fresh process (own peak memory): train-paper, train-ours or memory."""
+    """One measurement in a fresh process (own peak memory): train-paper, train-ours, step-plain,
+    step-ours or memory."""
     p = PROFILES[args.profile]
     device = resolve_device(args.device)
+    if args.child.startswith("step-"):
+        return step_child(args, p, device)
     if args.child == "memory":
         bb, _ = build(args.model, device, want_lm=False)
         texts = word_texts(p["memory_texts"], words=p["memory_max_length"])
@@ -461,9 +516,9 @@ def child(args) -> dict:
             "step_memory_gib": round(max(peak - before, 0) / 2**30, 3), "pairs": pairs.name}
 
 
-def spawn(args, what: str, model: str) -> dict:
+def spawn(args, what: str, model: str, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--model", model, "--profile", args.profile,
-           "--device", args.device]
+           "--device", args.device, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"bench: {what} failed:\n{res.stderr[-3000:]}")
@@ -528,6 +583,14 @@ def summarize(results: dict, gpu: bool) -> list[dict]:
                 round(o["pairs_per_s"] / b["pairs_per_s"], 2))
             add("train_memory_ratio", f"{model}: train step memory, GiB", b["step_memory_gib"], o["step_memory_gib"],
                 round(o["step_memory_gib"] / max(b["step_memory_gib"], 1e-3), 2))
+        if "step" in r:
+            for d in (0.05, 0.0):
+                b, o = r["step"][f"plain_{d}"], r["step"][f"ours_{d}"]
+                what = (f"{model}: one step, {o['pairs']} pairs ({o['tokens_per_step']} tokens), dropout {d}")
+                add("step_speed_vs_plain", f"{what}: s/step", b["s_per_step"], o["s_per_step"],
+                    round(b["s_per_step"] / o["s_per_step"], 2))
+                add("step_memory_vs_plain", f"{what}: peak GiB", b["peak_rss_gib"], o["peak_rss_gib"],
+                    round(o["peak_rss_gib"] / b["peak_rss_gib"], 2))
         if "generate" in r:
             g = r["generate"]
             add("generate_speedup", f"{model}: paraphrase {g['texts']} texts, pairs/s",
@@ -562,10 +625,12 @@ def main() -> None:
     ap.add_argument("--profile", choices=list(PROFILES), default=None,
                     help="sizes: cpu (default without a GPU), gpu (default with one), smoke (seconds)")
     ap.add_argument("--models", default="smollm2-135m", help="comma-separated: smollm2-135m or experiments/configs/*")
-    ap.add_argument("--sections", default="encode,poolings,levers,train,generate,memory,scaling")
+    ap.add_argument("--sections", default="encode,poolings,levers,train,step,generate,memory,scaling")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "outputs/bench/latest.json"))
-    ap.add_argument("--child", choices=["train-paper", "train-ours", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["train-paper", "train-ours", "step-plain", "step-ours", "memory"],
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--dropout", type=float, default=0.05, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -608,6 +673,10 @@ def main() -> None:
         if "train" in sections:
             r["train"] = {"paper": spawn(args, "train-paper", name), "ours": spawn(args, "train-ours", name)}
             print(f"  {name} train: {r['train']}", flush=True)
+        if "step" in sections:
+            r["step"] = {f"{side}_{d}": spawn(args, f"step-{side}", name, "--dropout", str(d))
+                         for d in (0.05, 0.0) for side in ("plain", "ours")}
+            print(f"  {name} step: {r['step']}", flush=True)
         if "memory" in sections and p["memory_texts"]:
             r["memory"] = spawn(args, "memory", name)
             print(f"  {name} memory: {r['memory']}", flush=True)

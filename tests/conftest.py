@@ -41,3 +41,31 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     env = {**os.environ, "EMBEDKIT_OUTPUTS": str(cwd / "outputs")}
     return subprocess.run([str(EMBEDKIT), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf ``Record``s of an offline W&B run file (``wandb/offline-run-*/run-*.wandb``, what `wandb
+    sync` uploads; wandb 0.31 has no Python reader of its own). The format is LevelDB's log: a 7-byte file
+    header, then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first,
+    3 middle, 4 last); a block's tail too short for a header is padding."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", raw[:8]
+    block, pos, records, part = 32768, 7, [], b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        part = data if kind in (1, 2) else part + data
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            records.append(rec)
+    return records

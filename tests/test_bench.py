@@ -138,7 +138,14 @@ def test_bench_smoke(tmp_path):
     assert summary["memory_10k_gib"]["value"] == m["peak_rss_gib"]
     assert summary["memory_10k_gib"]["met"] == (m["peak_rss_gib"] < 2)
     assert [x["texts"] for x in r["scaling"]["by_texts"]] == [8, 16]
+    for d in (0.05, 0.0):  # the plain loop and the Trainer stepped on the same token ids
+        plain, ours = r["step"][f"plain_{d}"], r["step"][f"ours_{d}"]
+        assert plain["tokens_per_step"] == ours["tokens_per_step"] > 4 * 2
+        assert 0.1 < plain["peak_rss_gib"] < 4 and 0.1 < ours["peak_rss_gib"] < 4
+    rows = [x for x in data["summary"] if x["key"] == "step_speed_vs_plain"]
+    assert [x["value"] for x in rows] == [round(r["step"][f"plain_{d}"]["s_per_step"] / r["step"][f"ours_{d}"]["s_per_step"], 2)
+                                          for d in (0.05, 0.0)]
     assert {"encode_short_speedup", "poolings_cost", "rerun_forward_calls", "train_speedup", "train_memory_ratio",
             "generate_speedup", "memory_10k_gib", "scaling_linearity", "levers_sweep_cost",
-            "ensemble_forward_calls"} <= set(summary)
+            "ensemble_forward_calls", "step_speed_vs_plain", "step_memory_vs_plain"} <= set(summary)
     assert "| what | baseline | embedkit |" in res.stdout

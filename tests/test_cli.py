@@ -2,13 +2,12 @@
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import read_wandb_records, run_cli
 from embedkit.data.clustering import load_jsonl_folder
 
 SUBSET = ["data=jsonl", "data.include=[twentynewsgroups/test.jsonl]", "data.max_rows=400", "logger=csv"]
@@ -75,34 +74,6 @@ def test_sweep_writes_one_result_per_job_and_reuses_the_encode(tmp_path, cluster
     assert (sweep / "report.csv").read_text().count("\n") == 7 and (sweep / "report.png").stat().st_size > 0
 
 
-def wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file (what `wandb sync` uploads): a LevelDB-style log of 32 KiB
-    blocks after a 7-byte header, each record a protobuf ``Record`` split into FULL/FIRST/MIDDLE/LAST chunks."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos = path.read_bytes(), 32768, 7
-    assert data[:4] == b":W&B", data[:7]
-    raw, part = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            raw.append(chunk)
-        elif kind in (2, 3):
-            part = chunk if kind == 2 else part + chunk
-        elif kind == 4:
-            raw.append(part + chunk)
-    records = []
-    for r in raw:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(r)
-        records.append(rec)
-    return records
-
-
 def test_wandb_offline_run_is_logged(tmp_path, clustering_root):
     r = run_cli("data=jsonl", "data.include=[arxiv/s2s.jsonl]", "data.max_rows=100", "encode.max_length=16",
                 f"data.root={clustering_root}", "logger=wandb", "pooling=mean", cwd=tmp_path)
@@ -110,18 +81,23 @@ def test_wandb_offline_run_is_logged(tmp_path, clustering_root):
     (run_dir,) = (tmp_path / "outputs" / "runs").glob("*")
     res = json.loads((run_dir / "results.json").read_text())
     (offline,) = run_dir.glob("wandb/offline-run-*/*.wandb")
-    records = wandb_records(offline)
+    records = read_wandb_records(offline)
     (run,) = [x.run for x in records if x.HasField("run")]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert run.project == "embedkit" and run.display_name == run_dir.name
+    assert run.project == "embedkit" and run.job_type == "eval" and list(run.tags) == ["smollm2-135m"]
+    # named by its overrides, without data.root/data.include/logger; grouped by its run time
+    assert run.display_name == "data.max_rows=100,data=jsonl,encode.max_length=16,pooling=mean"
+    assert run.run_group == res["sweep"] == f"run/{run_dir.name[:19]}"
     assert (config["pooling.name"], config["prompt.name"], config["encode.max_length"]) == ("mean", "eol", 16)
     summary = {u.key: json.loads(u.value_json) for x in records if x.HasField("summary")
                for u in x.summary.update if u.key}
     assert summary["mean"] == pytest.approx(res["mean"], abs=1e-12)
     assert summary["scores.arxiv/s2s"] == pytest.approx(res["scores"]["arxiv/s2s"], abs=1e-12)
     (table,) = run_dir.glob("wandb/offline-run-*/files/media/table/scores_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["task", "v_measure"],
-                                             "data": [["arxiv/s2s", pytest.approx(res["scores"]["arxiv/s2s"])]]}
+    assert json.loads(table.read_text()) == {
+        "columns": ["task", "v_measure", "model", "prompt", "pooling", "layer", "span", "train"],
+        "data": [["arxiv/s2s", pytest.approx(res["scores"]["arxiv/s2s"]), "smollm2-135m", "eol", "mean", -1, "all",
+                  "none"]]}
 
 
 @pytest.mark.parametrize(
@@ -215,7 +191,9 @@ def cached_embeddings(outputs: Path) -> list[dict]:
 def test_export_with_weighted_mean_reproduces_the_embeddings_in_sentence_transformers(tmp_path, clustering_root):
     """train.export=true with pooling=weighted_mean: SentenceTransformer(folder) gives the fine-tuned
     model's embeddings of the run (position weights 1..n over the real tokens, prompt included, with
-    left padding), including texts cut at encode.max_length."""
+    left padding), including texts cut at encode.max_length; its model card states the run's results.json
+    numbers, and config_sentence_transformers.json records the prompt without applying it a second time."""
+    import yaml
     from sentence_transformers import SentenceTransformer
 
     pairs = clustering_root.parent / "pairs" / "clinc150_same_intent" / "train.jsonl"
@@ -237,6 +215,23 @@ def test_export_with_weighted_mean_reproduces_the_embeddings_in_sentence_transfo
     assert st.shape == tuned["weighted_mean"].shape == (40, 576)
     np.testing.assert_allclose(st, tuned["weighted_mean"], rtol=1e-3, atol=1e-4)
     assert np.abs(tuned["weighted_mean"] - base["weighted_mean"]).max() > 1e-3  # the adapter is in the export
+    card = (folder / "README.md").read_text(encoding="utf-8")  # written after the tuned model's evaluation
+    front, body = card.removeprefix("---\n").split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert {"sentence-transformers", "feature-extraction", "embedkit", "lora"} <= set(meta["tags"])
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
+    task, n = "twentynewsgroups/test", res["tasks"]["twentynewsgroups/test"]
+    (entry,) = meta["model-index"][0]["results"]
+    assert (entry["dataset"]["name"], entry["metrics"][0]["value"]) == (task, res["scores"][task])
+    assert (f"| `{task}` | {n['n_texts']} | {n['n_labels']} | {res['scores_before'][task]:.4f} | "
+            f"{res['scores'][task]:.4f} |") in body
+    assert f"- `steps`: {res['train']['steps']} (planned {res['train']['steps_planned']}" in body
+    assert f"- `batch_size`: {res['config']['train']['batch_size']}\n" in body
+    assert f"{res['train']['pairs']['n_pairs']} training pairs" in body and "train.export=true" in body
+    assert all(h in body for h in ("## Model Details", "## Usage", "## Evaluation", "## Training Details"))
+    st_config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    assert st_config["embedkit"]["prompt_template"] == res["prompt_template"]
+    assert st_config["default_prompt_name"] is None and not any(st_config["prompts"].values())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -128,6 +128,7 @@ def test_a_layer_sweep_is_one_pass_and_its_views_are_read_from_disk_in_a_new_enc
     requested = Encoder(backbone, Prompt("q", "Q: {text}"), max_length=32, show_progress=False, cache_dir=tmp_path,
                         layers="requested")
     requested.encode(TEXTS, Pooling("p", "mean", layer=3))
+    enc_mod.flush_cache_writes()  # cache files are written in the background
     assert len(list(tmp_path.rglob("L*.npz"))) == 30 + 1  # only block 3 for this prompt
 
 

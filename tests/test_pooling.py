@@ -84,7 +84,9 @@ def test_one_forward_pass_serves_every_pooling_and_the_cache_serves_reruns(backb
                         show_progress=False)
         np.testing.assert_array_equal(again.encode(texts, Pooling("eos", "eos")), vectors["eos"])
         assert len(calls) == 2 and again.cache_hits == 1  # a re-run does no model work (served from memory)
-        # the file on disk, as a new process sees it: the in-memory copy is gone
+        # the file on disk, as a new process sees it: the in-memory copy is gone (written in the background:
+        # a run waits for its cache files before it ends, as flush_cache_writes does here)
+        encoder_module.flush_cache_writes()
         (stored,) = tmp_path.rglob("*.npz")
         encoder_module._MEMO.clear()
         fresh = Encoder(backbone, Prompt("none", "{text}"), max_length=32, batch_size=2, cache_dir=tmp_path,

@@ -7,7 +7,6 @@ to 32 tokens), made once per module: a 2 prompts x 2 poolings sweep; later tests
 import json
 import os
 import shutil
-import struct
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_wandb_records, run_cli
 from embedkit.errors import EmbedkitError
 from embedkit.commands.report import main as report_main
 from embedkit.report.results import load_references, scan
@@ -84,37 +83,16 @@ def test_multirun_two_prompts_by_two_poolings_gives_four_results_and_one_table(s
     assert len(per_run) == 5 and per_run[0].startswith("model,prompt,pooling,train,mean")
 
 
-def read_wandb_records(path: Path) -> list:
-    """The protobuf records of a W&B ``.wandb`` file (LevelDB log format: a 7-byte header, then 32 KiB
-    blocks of records, each with a 7-byte header: crc32, length, type full/first/middle/last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = path.read_bytes()
-    assert raw[:4] == b":W&B", raw[:8]
-    block, pos, records, part = 32768, 7, [], b""
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        part = data if kind in (1, 2) else part + data
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(part)
-            records.append(rec)
-    return records
-
-
 def test_wandb_offline_runs_hold_flattened_config_scores_and_group(sweep):
     _, folder, results = sweep
     for (prompt, pooling), res in results.items():
         (wandb_file,) = Path(res["run_dir"]).glob("wandb/offline-run-*/*.wandb")
         records = read_wandb_records(wandb_file)
         (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert (run.run_group, run.job_type, run.display_name) == (folder.name, "eval", Path(res["run_dir"]).name)
+        # grouped by the sweep folder (no time in its name: the name itself), named by what varies in the sweep
+        assert (run.run_group, run.job_type, run.display_name) == (f"multirun/{folder.name}", "eval",
+                                                                   f"pooling={pooling},prompt={prompt}")
+        assert res["sweep"] == run.run_group and list(run.tags) == ["smollm2-135m"]
         config = {i.key: json.loads(i.value_json) for i in run.config.update}
         assert (config["prompt.name"], config["pooling.name"], config["model.name"]) == (prompt, pooling, "smollm2-135m")
         assert config["encode.max_length"] == 32 and config["prompt.template"] == res["prompt_template"]
@@ -309,3 +287,43 @@ def test_table_of_an_unknown_layout_or_without_matching_runs_is_a_clear_error(sw
     _, _, results = sweep
     with pytest.raises(EmbedkitError, match="without a prompt"):
         pooling_table([results[("eol", "last")]], load_references())
+
+
+def test_adapt_table_puts_the_recipe_seeds_beside_the_untuned_best_and_the_peer(tmp_path):
+    """``--table adapt`` from hand-written runs: per set the untuned best cell, the recipe's mean +- std over
+    seeds, the peer, the margin and the seeds that win; a bar chart; an error without fine-tuned runs."""
+    from embedkit.report.adapt import adapt_table
+    from embedkit.report.outputs import table_report
+
+    tasks = ["a", "b"]
+    def run(folder, model, prompt, pooling, scores, **extra):
+        r = {"model": model, "prompt": prompt, "pooling": pooling, "scores": dict(zip(tasks, scores)),
+             "mean": sum(scores) / len(scores), **extra}
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "results.json").write_text(json.dumps(r))
+    run("untuned/0", "smollm2-135m", "eol", "last", [0.40, 0.50])
+    run("untuned/1", "smollm2-135m", "none", "mean", [0.45, 0.30])
+    for seed, after in enumerate([[0.60, 0.70], [0.62, 0.66], [0.58, 0.74]]):
+        run(f"recipe/{seed}", "smollm2-135m", "eol", "last", after, seed=seed,
+            scores_before={"a": 0.40, "b": 0.50}, mean_before=0.45,
+            train={"steps": 50, "stopped_by": "steps", "wall_s": 540.0 + seed, "pairs_seen": 1600,
+                   "pairs": {"name": "news"}})
+    run("peer", "minilm", "n/a", "mean", [0.61, 0.65], peer={"modules": []})
+    from embedkit.report.results import load_results
+    t = adapt_table(load_results([str(tmp_path)]))
+    header, rows = t.sections[0][1], t.sections[0][2]
+    cells = {row[0]: dict(zip(header, row)) for row in rows}
+    assert cells["a"]["untuned best (config)"] == "45.0 (none/mean)"
+    assert cells["b"]["untuned best (config)"] == "50.0 (eol/last)"
+    assert cells["a"]["recipe before"] == "40.0 +- 0.0"  # the same base model under every seed
+    assert cells["a"]["recipe after"] == "60.0 +- 2.0" and cells["a"]["minilm"] == "61.0"
+    assert cells["a"]["after - best peer"] == "-1.0" and cells["a"]["wins"] == "1/3"
+    assert cells["b"]["recipe after"] == "70.0 +- 4.0" and cells["b"]["wins"] == "3/3"
+    assert cells["**mean**"]["recipe after"] == "65.0 +- 1.0" and cells["**mean**"]["wins"] == "3/3"
+    assert [r[0] for r in t.sections[1][2]] == ["0", "1", "2"]
+    assert "news" in t.notes[0] and "9.0 min per seed" in t.notes[0]
+    md, written = table_report([str(tmp_path)], "adapt", str(tmp_path / "out"))
+    assert "Adaptation recipe: smollm2-135m before and after 3 seed(s), beside minilm" in md
+    assert (tmp_path / "out" / "table-adapt.png").stat().st_size > 1000
+    with pytest.raises(EmbedkitError, match="no fine-tuned runs"):
+        adapt_table([r for r in load_results([str(tmp_path)]) if "train" not in r])

@@ -1,6 +1,7 @@
 """What the attention analysis writes and prints: ``tokens.csv`` (every token of the example texts),
 ``aggregate_layers.csv``, ``aggregate.csv`` and ``aggregate_texts.csv`` (the data set aggregate), the
-per-example rows of ``summary.json`` and the summary printed at the end of a run."""
+per-example rows of ``summary.json``, the summary printed at the end of a run, and what a logger gets
+(``log_attention``: with ``logger=wandb`` the charts as images and the rows as tables)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from embedkit.attention.layers import layer_description
 from embedkit.attention.measure import TEXT, Aggregate, Example, shares
 from embedkit.io import atomic_write
+from embedkit.loggers import NullLogger, started
 
 
 def write_tokens_csv(path: Path, examples: list[list[Example]], layers: list[int]) -> None:
@@ -103,3 +105,20 @@ def print_summary(summary: dict) -> None:
               f"over {row['n_texts']} texts (uniform would give {row['text_positions']:.3f}; sink "
               f"{row['sink_mass']:.3f})")
     print(f"  written to {summary['out_dir']}: {', '.join(summary['files'])}")
+
+
+def log_attention(logger: NullLogger, summary: dict, name: str, group: str | None) -> None:
+    """Log a finished analysis (``summary`` as ``run_attention`` returns it) as one run of ``logger``
+    (job_type ``attention``, in ``summary['out_dir']``, tagged with the model): the example rows and the
+    aggregate as tables, timings as summary metrics, and every PNG written (``example_<i>``,
+    ``aggregate_layers``) as an image; prints where the run went; returns None."""
+    out_dir = Path(summary["out_dir"])
+    with started(logger, summary["config"], name, group, "attention", out_dir, [summary["model"]]):
+        for key in ("examples", "aggregate"):
+            if summary[key]:
+                columns = list(summary[key][0])
+                logger.table(key, columns, [[row[c] for c in columns] for row in summary[key]])
+        logger.summary({"timings": summary["timings"], "n_layers": summary["n_layers"]})
+        logger.images({Path(f).stem: out_dir / f for f in summary["files"] if f.endswith(".png")})
+    if logger.location:
+        print(f"  logged: {logger.location}")

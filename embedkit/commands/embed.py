@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from embedkit.commands.common import offline_by_default, quiet_libraries, user_errors_as_messages
+from embedkit.commands.common import offline_by_default, quiet_libraries, run_labels, user_errors_as_messages
 
 offline_by_default()
 
@@ -27,11 +27,11 @@ from embedkit.schema import precheck  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://embedkit.conf", config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float:
     quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    name, group = run_labels(hc, "multirun" if hc.mode.name == "MULTIRUN" else "run")  # the logger's run
     # the run's modules load torch: imported once a composed config runs, so bad command lines fail fast
     from embedkit.run import run
     from embedkit.train.distributed import init_distributed
@@ -39,7 +39,16 @@ def _app(cfg: DictConfig) -> float | None:
     init_distributed()  # under torchrun: join the process group before any model work
 
     with user_errors_as_messages("embedkit"):
-        return run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0)["mean"]
+        results = run(cfg, run_dir, group, job=hc.job.num if hc.mode.name == "MULTIRUN" else 0, name=name)
+    return _objective(results, cfg.get("optimized_metric") or "mean")
+
+
+def _objective(results: dict, metric: str) -> float:
+    """What the run returns to Hydra's sweeper (Optuna maximizes it): ``optimized_metric`` of results.json,
+    ``mean`` by default, ``mean_before`` or ``scores.<task>`` (checked against the run's tasks in ``build``)."""
+    if metric.startswith("scores."):
+        return float(results["scores"][metric[len("scores."):]])
+    return float(results[metric])
 
 
 def main() -> None:
@@ -49,6 +58,7 @@ def main() -> None:
                                 "skipped with eval.cache=true; train.resume=true continues training)"):
         with user_errors_as_messages("embedkit"):
             precheck(sys.argv[1:])  # config errors before Hydra makes a run folder
+        quiet_libraries()  # also for what a sweeper logs before the first job (Optuna's storage)
         _app()
 
 

@@ -4,16 +4,20 @@ Texts are de-duplicated, tokenized once (see ``prompts.tokenize``), sorted by le
 batches under a token budget, run through the base model (last hidden state only, SDPA, explicit
 position ids so left padding changes nothing), pooled in every mode, and restored to input order.
 Results are cached on disk per (model, adapter, dtype, prompt, max_length, texts), so the jobs of a
-pooling sweep after the first one do no model work.
+pooling sweep after the first one do no model work. Cache files are written by one background thread
+(``flush_cache_writes`` waits for them; a read from disk and the interpreter's exit wait too), so the
+write of a pass's views overlaps the evaluation instead of delaying it; each file is still atomic.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,8 @@ CACHE_VERSION = 1
 MEMO_BYTES = 2 * 2**30  # embeddings kept in memory for the next job of a sweep in this process
 
 _MEMO: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # cache key -> view -> embeddings, oldest first
+_WRITER: list[ThreadPoolExecutor] = []  # the one background writer of cache files, made on first use
+_PENDING: list[Future] = []             # its writes not yet waited for
 LAYER_POLICIES = ("auto", "requested", "all")
 
 
@@ -88,6 +94,24 @@ def takes_position_ids(model) -> bool:
     """Whether the base model's forward accepts ``position_ids`` (and ``use_cache``)."""
     base = getattr(model, "get_base_model", lambda: model)()
     return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def flush_cache_writes() -> None:
+    """Wait until every embedding-cache file queued by this process is on disk; re-raises the first error
+    of those writes (e.g. a full disk)."""
+    pending = list(_PENDING)
+    del _PENDING[:len(pending)]
+    errors = [e for e in (f.exception() for f in pending) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def _write_later(cache_dir: Path, key: str, view: str, arrays: dict[str, np.ndarray], n_layers: int) -> None:
+    """Queue ``_write_view`` on the background writer (the arrays are not changed after this)."""
+    if not _WRITER:
+        _WRITER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-cache"))
+        atexit.register(flush_cache_writes)
+    _PENDING.append(_WRITER[0].submit(_write_view, cache_dir, key, view, arrays, n_layers))
 
 
 def _nbytes(views: dict) -> int:
@@ -195,7 +219,9 @@ class Encoder:
             for v in views:
                 if v in memo:
                     got[v] = memo[v]
-                elif (stored := _read_view(self.cache_dir, key, v, self.n_layers)) is not None:
+                    continue
+                flush_cache_writes()  # a file may still be queued
+                if (stored := _read_view(self.cache_dir, key, v, self.n_layers)) is not None:
                     got[v] = stored
             if len(got) == len(views):
                 self.cache_hits += 1
@@ -210,7 +236,7 @@ class Encoder:
         out = {v: {k: a[rows] for k, a in pooled[v].items()} for v in todo}
         if key is not None:
             for v, arrays in out.items():
-                _write_view(self.cache_dir, key, v, arrays, self.n_layers)
+                _write_later(self.cache_dir, key, v, arrays, self.n_layers)
             _remember(key, out)
         return {v: _float32(got.get(v) or out[v]) for v in views}
 

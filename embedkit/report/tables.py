@@ -13,10 +13,11 @@ from pathlib import Path
 from embedkit.embed.pooling import MODES
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
+from embedkit.report.adapt import adapt_table
 from embedkit.report.levers import levers_table
 from embedkit.report.results import is_peer, paper_entry, task_set, untuned
 
-TABLES = ("pooling", "prompts", "finetune", "reference", "levers")
+TABLES = ("pooling", "prompts", "finetune", "reference", "levers", "adapt")
 POOLING_ORDER = MODES  # table rows in the order the poolings are defined
 
 
@@ -232,7 +233,7 @@ def reference_table(results: list[dict], refs: dict) -> Table:
 
 
 BUILDERS = {"pooling": pooling_table, "prompts": prompts_table, "finetune": finetune_table,
-            "reference": reference_table, "levers": levers_table}
+            "reference": reference_table, "levers": levers_table, "adapt": adapt_table}
 
 
 # --- the generic pivot (no --table) ------------------------------------------------------------------

@@ -4,7 +4,8 @@ negatives beyond one forward pass), checkpoints that resume, and the sentence-tr
 
 Modules: ``config`` (TrainConfig), ``plan`` (TrainingPlan: tokenized pairs and the batch of every step),
 ``losses`` (info_nce), ``gradcache`` (GradCache, RandContext), ``lora`` (the LoRA model and its
-embeddings), ``distributed`` (torchrun helpers), ``trainer`` (Trainer), ``export`` (sentence-transformers).
+embeddings), ``distributed`` (torchrun helpers), ``trainer`` (Trainer), ``export`` (sentence-transformers),
+``model_card`` (the export's README.md), ``hub`` (``train.push_to_hub``).
 """
 
 from embedkit.train.config import TrainConfig

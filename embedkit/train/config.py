@@ -17,7 +17,7 @@ from embedkit.errors import EmbedkitError
 
 # settings that change where or how often checkpoints are written, or when a run stops, not what one step does
 # (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
-_NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes")
+_NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes", "push_to_hub")
 
 
 @dataclass
@@ -77,8 +77,10 @@ class TrainConfig:
 
     mask_false_negatives: bool = True
     export: bool = False
+    push_to_hub: str | None = None
     """Also: identical anchors or positives in one batch are not counted as negatives; ``export`` also
-    writes the merged model as a sentence-transformers folder (not hashed)."""
+    writes the merged model as a sentence-transformers folder with a model card; ``push_to_hub`` (a Hub
+    repo id, None: no upload) uploads that folder after the run and implies ``export`` (neither is hashed)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -108,9 +110,15 @@ class TrainConfig:
             if not ok:
                 raise EmbedkitError(message)
         self.target_modules = tuple(self.target_modules)
+        if self.push_to_hub is not None:  # uploading needs the export: asking for the one asks for both
+            from embedkit.train.hub import check_repo_id
+
+            check_repo_id(self.push_to_hub)
+            self.export = True
 
     def fingerprint(self, *parts) -> str:
         """A 12-hex-digit hash of the trained-on settings (all fields but resume, save_every,
-        keep_checkpoints, export and max_minutes) and ``parts`` (JSON-able: other config nodes, the seed)."""
+        keep_checkpoints, export, max_minutes and push_to_hub) and ``parts`` (JSON-able: other config nodes,
+        the seed)."""
         keep = {k: v for k, v in vars(self).items() if k not in _NOT_HASHED}
         return hashlib.sha256(json.dumps([keep, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]

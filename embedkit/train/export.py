@@ -9,6 +9,12 @@ sentence-transformers' own ``Pooling`` module (``mean``, ``lasttoken``, ``weight
 equivalent and is refused. Positions: sentence-transformers passes no position ids, so left-padded rows
 start at a later position; with rotary position embeddings (Llama, Qwen, SmolLM2, ...) attention depends
 only on relative positions and the embeddings agree to float precision.
+
+The folder also holds ``README.md``, a model card (``embedkit.train.model_card``; with a run's results: its
+scores before and after fine-tuning and its training settings), ``embedkit.json`` (the export's settings) and,
+in ``config_sentence_transformers.json``, the prompt template under ``"embedkit"`` for information, with
+``prompts`` left empty: sentence-transformers prepends its ``prompts`` as strings, which would apply the
+baked-in prompt a second time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from embedkit.io import atomic_dir
 from embedkit.embed.models import Backbone
 from embedkit.embed.pooling import Pooling
 from embedkit.embed.prompts import Prompt, special_prefix
+from embedkit.train.model_card import render_model_card
 
 _ST_POOLING = {"mean": "mean", "last": "lasttoken", "eos": "lasttoken", "weighted_mean": "weightedmean"}
 
@@ -63,8 +70,13 @@ def check_exportable(prompt, pooling: Pooling) -> None:
 
 
 def export_sentence_transformers(backbone: Backbone, prompt: Prompt, pooling: Pooling, max_length: int,
-                                 folder: str | os.PathLike) -> Path:
-    """Write a sentence-transformers model folder (atomically: complete or absent)."""
+                                 folder: str | os.PathLike, results: dict | None = None, command: dict | None = None,
+                                 model_id: str | None = None) -> Path:
+    """Write a sentence-transformers model folder (atomically: complete or absent), with its model card.
+
+    ``results``: the run's ``results.json`` fields, for the card's scores and training details (None: the
+    card describes the model only); ``command``: ``model_card.run_command()``; ``model_id``: the Hub repo
+    id the folder will be pushed to (the card's usage snippet loads it; default: the folder)."""
     if pooling.mode not in _ST_POOLING:
         raise EmbedkitError(f"pooling '{pooling.mode}' cannot be exported to sentence-transformers; "
                             f"export one of {', '.join(_ST_POOLING)}")
@@ -89,9 +101,16 @@ def export_sentence_transformers(backbone: Backbone, prompt: Prompt, pooling: Po
         if pooling.normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, similarity_fn_name="cosine", device="cpu")
-        st.save(str(out))
-        (out / "embedkit.json").write_text(json.dumps(
-            {"base_model": backbone.name, "source": backbone.source, "adapter": backbone.adapter,
-             "prompt": prompt.template, "pooling": pooling.mode, "normalize": pooling.normalize,
-             "max_length": max_length}, indent=2))
+        st.save(str(out), create_model_card=False)  # the card is written below, with the run's figures
+        info = {"base_model": backbone.name, "source": backbone.source, "adapter": backbone.adapter,
+                "prompt": prompt.template, "pooling": pooling.mode, "normalize": pooling.normalize,
+                "max_length": max_length, "prompt_tokens": n_added}
+        (out / "embedkit.json").write_text(json.dumps(info, indent=2))
+        st_config = json.loads((out / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+        st_config["embedkit"] = {"prompt_template": prompt.template, "prompt_name": prompt.name,
+                                 "applied_by": "tokenizer post-processor (fixed token ids)",
+                                 "note": "for information only: do not pass it as a prompt, it is already applied"}
+        (out / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2), encoding="utf-8")
+        card = render_model_card(st, info, results, command, model_id or str(Path(folder).resolve()))
+        (out / "README.md").write_text(card, encoding="utf-8")  # atomic with the folder (``atomic_dir``)
     return Path(folder)
