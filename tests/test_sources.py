@@ -230,5 +230,9 @@ def test_the_adapt_experiment_is_unlabelled_texts_with_crops_and_a_budget():
     validate(cfg)
     assert (cfg.train.name, cfg.augmentation.name, cfg.train.max_minutes) == ("lora", "crop", 10)
     assert cfg.train.export  # the recipe exports a sentence-transformers folder
+    # README "The adaptation recipe": PromptEOL/last, no dropout (CPU attention keeps its fused kernel), and a
+    # schedule that completes inside the budget
+    assert (cfg.prompt.name, cfg.pooling.mode, cfg.train.dropout, cfg.train.model_dropout) == ("eol", "last", 0, 0)
+    assert (cfg.train.batch_size, cfg.train.chunk_size, cfg.train.max_steps) == (32, 32, 50)
     assert len(instantiate(cfg.pairs)) == 6633  # every distinct body of the 6,667 (34 duplicates kept once)
     check_dropout_views(cfg.augmentation, cfg.pairs, cfg.train.model_dropout)
