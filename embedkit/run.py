@@ -129,7 +129,7 @@ def make_encoder(cfg: DictConfig, backbone, prompt) -> Encoder | PeerEncoder:
                            cache_dir=cfg.paths.embedding_cache if e.cache else None)
     return Encoder(backbone, prompt, max_length=e.max_length, batch_size=e.batch_size, max_tokens=e.max_tokens,
                    show_progress=e.show_progress, cache_dir=cfg.paths.embedding_cache if e.cache else None,
-                   compile=e.compile, layers=e.layers)
+                   compile=e.compile, layers=e.layers, packing=e.packing)
 
 
 def augment_pairs(cfg: DictConfig, pairs: PairSet) -> PairSet:

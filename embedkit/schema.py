@@ -12,7 +12,7 @@ Three layers, all cheap (no model, no data):
    (``embedkit.train.TrainConfig``) are dataclasses; the composed values are merged into
    ``OmegaConf.structured(...)`` of them, so OmegaConf checks every type (``encode.batch_size=x``), and
    the range rules (field metadata here, ``TrainConfig.__post_init__`` there) check the values
-   (``encode.max_length=0``, ``train.max_steps=-1``, ``train.temperature=0``).
+   (``encode.max_length=0``, ``encode.packing=maybe``, ``train.max_steps=-1``, ``train.temperature=0``).
 3. **Every ``_target_`` node** (model, prompt, pooling, data, eval, logger, pairs, augmentation,
    optimizer): each key must be a parameter of the class or function it instantiates, and a scalar
    whose parameter is annotated ``int``/``float``/``bool``/``str`` must have that type
@@ -101,6 +101,9 @@ def check_section(prefix: str, node: DictConfig, schema: type) -> object:
         value = typed[f.name]
         if lo is not None and value is not None and value < lo:
             raise EmbedkitError(f"{prefix}.{f.name}={value}: must be >= {lo}")
+        choices = f.metadata.get("choices")  # strings; a true/false given for one arrives as "True"/"False"
+        if choices is not None and str(value).lower() not in choices:
+            raise EmbedkitError(f"{prefix}.{f.name}={value!r}: choose one of {', '.join(choices)}")
     return OmegaConf.to_object(typed)
 
 

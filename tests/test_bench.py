@@ -126,6 +126,9 @@ def test_bench_smoke(tmp_path):
                                                                  e["speedup"])
         assert row["met"] == (e["speedup"] >= 3)  # the CPU goal
     assert r["poolings"]["rerun_forward_calls"] == 0
+    pk = r["packing"]  # padded vs packed passes over the same mixed-length texts
+    assert pk["packed_positions"] == pk["tokens"] < pk["padded_positions"] and pk["min_cosine_last"] > 0.999
+    assert summary["packing_speedup"]["value"] == pk["speedup"]
     lv = r["levers"]  # 2 blocks x 5 poolings x 2 spans = 20 jobs: the first job's pass pools every block
     assert (lv["blocks"], lv["jobs"]) == (2, 20) and lv["sweep_forward_calls"] == 2  # 12 texts, batches of 8
     assert lv["ensemble_forward_calls"] == 0 and summary["levers_sweep_cost"]["value"] == lv["cost_ratio"]

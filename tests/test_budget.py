@@ -104,3 +104,54 @@ def test_a_command_line_run_stops_on_its_budget_saves_the_adapter_and_evaluates(
     assert list((tmp_path / "outputs" / "checkpoints").glob(f"*/step-{t['steps']:07d}/adapter"))
     assert set(res["scores"]) == set(res["scores_before"]) == {"twentynewsgroups/test"}
     assert res["adapter"] == res["adapter_dir"]  # the "after" scores are the tuned model's
+
+
+class FakeClock:
+    """``time.perf_counter`` for the trainer module: time passes only when a training step runs (1 s each)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_fit_budget_plans_the_schedule_for_the_steps_the_budget_holds_and_a_resume_keeps_it(backbone, tmp_path,
+                                                                                          monkeypatch):
+    """Steps of exactly 1 s (a fake clock) and a 30 s budget: after the 5 probe steps 25 s are left, which hold
+    int(25 * 0.98) = 24 more steps, so the schedule is re-planned for 29 of the 40 planned steps, ends at
+    lr 0 on step 29 and the run stops by its steps, inside the budget. The schedule is never lengthened."""
+    import embedkit.train.trainer as trainer_module
+
+    with pytest.raises(EmbedkitError, match="train.fit_budget=true fits the schedule to train.max_minutes"):
+        TrainConfig(fit_budget=True)
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_module, "time", clock)
+    pairs = load_pairs(str(CLINC), max_rows=32, seed=3)
+    t = make(backbone, pairs, tmp_path / "fit", max_steps=40, max_length=8, batch_size=4, chunk_size=4,
+             fit_budget=True, max_minutes=0.5, save_every=100)
+    step = t.train_step
+
+    def one_second_step(batch):
+        loss = step(batch)
+        clock.now += 1.0
+        return loss
+
+    monkeypatch.setattr(t, "train_step", one_second_step)
+    out = t.fit()
+    assert out["budget_fit"] == {"probe_steps": 5, "s_per_step": 1.0, "steps_planned_before": 40, "steps": 29}
+    assert (out["steps"], out["steps_planned"], out["stopped_by"]) == (29, 29, "steps")
+    lrs = [h["train/lr"] for h in t.history]  # warm-up 2 steps, then linear to 0 at step 29
+    assert lrs[1] == pytest.approx(1e-3) and lrs[14] == pytest.approx(1e-3 * 14 / 27) and lrs[-1] == 0.0
+    assert [p.name for p in (tmp_path / "fit").glob("step-*")] == ["step-0000029"]
+
+    resumed = make(backbone, pairs, tmp_path / "fit", max_steps=40, max_length=8, batch_size=4, chunk_size=4,
+                   fit_budget=True, max_minutes=0.5, resume=True)
+    again = resumed.fit()  # the fitted plan comes back with the checkpoint: nothing left to train
+    assert (again["steps"], again["steps_planned"], again["steps_this_run"]) == (29, 29, 0)
+    assert again["budget_fit"]["steps"] == 29
+
+    fast = make(backbone, pairs, tmp_path / "fast", max_steps=6, max_length=8, batch_size=4, chunk_size=4,
+                fit_budget=True, max_minutes=0.5)
+    monkeypatch.setattr(fast, "train_step", one_second_step)
+    assert fast.fit()["budget_fit"]["steps"] == 6  # 25 s would hold more: the plan is kept, not lengthened

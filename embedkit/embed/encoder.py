@@ -2,7 +2,8 @@
 
 Texts are de-duplicated, tokenized once (see ``prompts.tokenize``), sorted by length and grouped into
 batches under a token budget, run through the base model (last hidden state only, SDPA, explicit
-position ids so left padding changes nothing), pooled in every mode, and restored to input order.
+position ids so left padding changes nothing; with ``encode.packing`` a batch runs padding-free as one
+packed row, see ``embedkit.embed.packing``), pooled in every mode, and restored to input order.
 Results are cached on disk per (model, adapter, dtype, prompt, max_length, texts), so the jobs of a
 pooling sweep after the first one do no model work. Cache files are written by one background thread
 (``flush_cache_writes`` waits for them; a read from disk and the interpreter's exit wait too), so the
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
 from embedkit.embed.models import Backbone
+from embedkit.embed.packing import PACKING_POLICIES, check_packing, resolve_packing
 from embedkit.embed.pooling import POOLED_KEYS, Pooling, default_view, parse_view, view_key
 from embedkit.embed.prompts import Prompt, PromptEnsemble, Tokenized, tokenize
 from embedkit.embed.states import num_blocks, pooled_views, text_mask
@@ -50,7 +52,9 @@ class EncodeConfig:
     ``max_length`` cuts each text (before the prompt wraps it); a forward pass holds at most ``batch_size``
     rows and ``max_tokens`` padded tokens; ``cache`` reuses pooled embeddings across runs; ``compile``
     runs the model through ``torch.compile``; ``layers`` says which blocks a pass pools (``auto``: every
-    block once a pooling asks for one other than the last hidden state, ``requested``, ``all``). ``min`` in a field's metadata is checked by embedkit.schema."""
+    block once a pooling asks for one other than the last hidden state, ``requested``, ``all``); ``packing``
+    runs padding-free passes (``auto``, ``true``, ``false``; see ``embedkit.embed.packing``). ``min`` and
+    ``choices`` in a field's metadata are checked by embedkit.schema."""
 
     max_length: int = field(default=512, metadata={"min": 1})
     batch_size: int = field(default=32, metadata={"min": 1})
@@ -59,6 +63,7 @@ class EncodeConfig:
     show_progress: bool = True
     compile: bool = False
     layers: str = "auto"
+    packing: str = field(default="auto", metadata={"choices": PACKING_POLICIES})
 
 
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int,
@@ -142,10 +147,12 @@ class Encoder:
         show_progress: bool = True,
         compile: bool = False,
         layers: str = "auto",
+        packing: str = "auto",
     ) -> None:
         if layers not in LAYER_POLICIES:
             raise EmbedkitError(f"encode.layers={layers!r}; choose one of {', '.join(LAYER_POLICIES)}")
         self.layers = layers
+        self.packing = check_packing(packing)
         self.backbone = backbone
         self.prompt = prompt
         self.max_length = max_length
@@ -156,7 +163,12 @@ class Encoder:
         self.forward_calls = 0  # model forward passes run by this encoder (tests and reports read it)
         self.texts_encoded = 0
         self.cache_hits = 0
+        self.positions = 0  # token positions those passes computed (padding included unless packed)
         self._takes_position_ids = takes_position_ids(backbone.model)
+        # padding-free passes (a batch's sequences in one row) where encode.packing says so; ``true`` with a
+        # model whose forward takes no position ids fails on the first pass, ``auto`` then stays padded
+        self.packed = resolve_packing(self.packing, backbone.device, backbone.dtype, compile) and (
+            self._takes_position_ids or self.packing == "true")
         # torch.compile fuses the small ops between matmuls (norms, rotary, activations); dynamic shapes,
         # since every batch has its own width
         self._model = torch.compile(backbone.model, dynamic=True) if compile else backbone.model
@@ -263,8 +275,8 @@ class Encoder:
             log.info("%s: %d of %d texts cut to %d tokens", desc, n_trunc, len(items), self.max_length)
         lengths = [len(t.ids) for t in items]
         batches = length_batches(lengths, self.batch_size, self.max_tokens)
-        # torch.compile serves the last hidden state; hooked blocks run the plain model
-        model = self._model if views == [default_view(self.n_layers)] else self.backbone.model
+        # torch.compile serves the last hidden state; hooked blocks and packed passes run the plain model
+        model = self._model if views == [default_view(self.n_layers)] and not self.packed else self.backbone.model
         device = self.backbone.device
         dim = self.backbone.model.config.hidden_size
         # the last hidden state in float32; other views in float16 (half the memory of a layer sweep), a view
@@ -281,7 +293,7 @@ class Encoder:
             ids, mask = collate(seqs, tok.pad_token_id, device)
             tmask = text_mask([items[i].text_span for i in batch], [len(s) for s in seqs], ids.shape[1], device)
             try:
-                pooled = pooled_views(model, ids, mask, views, tmask, self._takes_position_ids)
+                pooled = pooled_views(model, ids, mask, views, tmask, self._takes_position_ids, packed=self.packed)
             except torch.OutOfMemoryError:
                 if len(batch) == 1:
                     raise EmbedkitError(
@@ -297,6 +309,7 @@ class Encoder:
                 pending += [batch[half:], batch[:half]]
                 continue
             self.forward_calls += 1
+            self.positions += int(mask.sum()) if self.packed else mask.numel()
             for v, by_key in pooled.items():
                 for k, vec in by_key.items():
                     vec = vec.cpu().numpy()

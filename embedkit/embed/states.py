@@ -6,12 +6,17 @@ blocks' outputs are taken by forward hooks on the decoder blocks (a public ``tor
 patching of model code) and pooled at once, so a pass never holds more than one block's
 [batch, tokens, dim] beyond what the model itself holds; when no requested view needs the last block,
 the pass stops after the highest requested block (a layer-k view costs (k+1)/L of a pass).
+With ``packed=True`` the pass runs padding-free (``embedkit.embed.packing``): the batch's sequences in one
+row, every state put back into the left-padded layout before it is pooled, so the result is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from embedkit.embed.packing import pack, packed_attention
 from embedkit.embed.pooling import parse_view, pool_all
 from embedkit.errors import EmbedkitError
 
@@ -81,18 +86,26 @@ def _forward_kwargs(ids, mask, position_ids: bool) -> dict:
 
 
 def pooled_views(model, ids: torch.Tensor, mask: torch.Tensor, views: list[str], tmask: torch.Tensor | None,
-                 position_ids: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                 position_ids: bool = True, packed: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """One forward pass of ``model`` (whatever train/eval and grad mode it is in): ``{view: pool_all(...)}``
     for every view in ``views`` (``pooling.view_key``), float32 [B, D] each. The last block after the
     final norm is the model's own last hidden state; other views are hooked block outputs (normed with
-    the model's final norm for ``L<k>n``)."""
+    the model's final norm for ``L<k>n``). ``packed``: a padding-free pass (``embedkit.embed.packing``;
+    needs ``position_ids``), same result."""
     n = num_blocks(model)
     wanted = [parse_view(v) for v in views]
     hooked = sorted({layer for layer, normed in wanted if not (layer == n - 1 and normed)})
     needs_last = any(layer == n - 1 and normed for layer, normed in wanted)
+    if packed and not position_ids:
+        raise EmbedkitError("encode.packing needs a model whose forward takes position_ids; set encode.packing=false")
+    row = pack(ids, mask) if packed else None
+    unpack = row.unpack if packed else (lambda state: state)  # noqa: E731
+    kwargs = row.forward_kwargs() if packed else _forward_kwargs(ids, mask, position_ids)
+    attention = packed_attention(base_model(model)) if packed else contextlib.nullcontext()
     if not hooked:  # only transformers' last hidden state
-        hidden = model(**_forward_kwargs(ids, mask, position_ids)).last_hidden_state
-        return {views[0]: pool_all(hidden, mask, tmask)}
+        with attention:
+            hidden = model(**kwargs).last_hidden_state
+        return {views[0]: pool_all(unpack(hidden), mask, tmask)}
 
     captured: dict[int, torch.Tensor] = {}
     stop_at = None if needs_last else hooked[-1]
@@ -112,7 +125,8 @@ def pooled_views(model, ids: torch.Tensor, mask: torch.Tensor, views: list[str],
     handles = [blocks[i].register_forward_hook(hook(i)) for i in hooked]
     last = None
     try:
-        last = model(**_forward_kwargs(ids, mask, position_ids)).last_hidden_state
+        with attention:
+            last = model(**kwargs).last_hidden_state
     except _Stop:
         pass
     finally:
@@ -128,5 +142,5 @@ def pooled_views(model, ids: torch.Tensor, mask: torch.Tensor, views: list[str],
             state = captured[layer]
             if normed:
                 state = norm(state)
-        out[key] = pool_all(state, mask, tmask)
+        out[key] = pool_all(unpack(state), mask, tmask)
     return out

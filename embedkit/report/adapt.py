@@ -16,6 +16,7 @@ from pathlib import Path
 
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
+from embedkit.report.results import fmt_score, is_peer
 from embedkit.report.levers import LeverTables
 
 __all__ = ["AdaptTable", "adapt_table"]
@@ -57,10 +58,6 @@ class AdaptTable(LeverTables):
         return True
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -78,7 +75,7 @@ def _label(r: dict) -> str:
 def adapt_table(results: list[dict], refs: dict | None = None) -> LeverTables:
     """The adaptation table from untuned, recipe (fine-tuned) and peer runs (see the module doc)."""
     tuned = [r for r in results if "train" in r]
-    peers = [r for r in results if "peer" in r and "train" not in r]
+    peers = [r for r in results if is_peer(r) and "train" not in r]
     untuned = [r for r in results if "train" not in r and "peer" not in r]
     if not tuned:
         raise EmbedkitError("no fine-tuned runs under the given folders; `make table-adapt` runs the recipe "
@@ -127,8 +124,8 @@ def adapt_table(results: list[dict], refs: dict | None = None) -> LeverTables:
         for name, p in zip(peer_names, peer_scores):
             if p is not None:
                 t.bars.setdefault(name, {})[label] = (p, None)
-        rows.append(["**mean**" if task is None else task, f"{_pct(score)} ({cfg})", _mean_std(before),
-                     _mean_std(after), *(_pct(p) for p in peer_scores),
+        rows.append(["**mean**" if task is None else task, f"{fmt_score(score)} ({cfg})", _mean_std(before),
+                     _mean_std(after), *(fmt_score(p) for p in peer_scores),
                      "-" if margin is None else f"{100 * margin:+.1f}", wins])
     t.sections.append(("1. Per set: untuned best, the recipe (mean +- std over seeds), the peers", header, rows))
 

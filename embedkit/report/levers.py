@@ -20,6 +20,7 @@ import numpy as np
 
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_write
+from embedkit.report.results import fmt_score, is_peer
 
 __all__ = ["LeverTables", "levers_table"]
 
@@ -35,12 +36,6 @@ def _block(r: dict) -> int | None:
         return resolved[0] if len(resolved) == 1 else None
     layer = _spec(r)["layer"]
     return layer if isinstance(layer, int) else None
-
-
-def _fmt(v: float | None, bold: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"**{100 * v:.1f}**" if bold else f"{100 * v:.1f}"
 
 
 @dataclass
@@ -107,13 +102,13 @@ class LeverTables:
 def _task_rows(runs: list[tuple[list[str], dict]], tasks: list[str]) -> list[list[str]]:
     """Rows of (label cells, result): per-task scores and the mean, the best mean in bold."""
     best = max((r["mean"] for _, r in runs), default=None)
-    return [[*labels, *(_fmt(r["scores"].get(t)) for t in tasks), _fmt(r["mean"], r["mean"] == best)]
+    return [[*labels, *(fmt_score(r["scores"].get(t)) for t in tasks), fmt_score(r["mean"], r["mean"] == best)]
             for labels, r in runs]
 
 
 def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
     """The four lever sections from untuned runs (see the module doc)."""
-    peers = [r for r in results if "peer" in r and "train" not in r]
+    peers = [r for r in results if is_peer(r) and "train" not in r]
     results = [r for r in results if "train" not in r and "peer" not in r]
     if not results:
         raise EmbedkitError("no untuned LLM runs under the given folders; run `make table-levers` first")
@@ -133,13 +128,13 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
         blocks = sorted({b for c in t.curves.values() for b in c})
         modes = sorted(t.curves)
         best = {m: max(t.curves[m].values()) for m in modes}
-        rows = [[str(b), *(_fmt(t.curves[m].get(b), t.curves[m].get(b) == best[m]) for m in modes)] for b in blocks]
+        rows = [[str(b), *(fmt_score(t.curves[m].get(b), t.curves[m].get(b) == best[m]) for m in modes)] for b in blocks]
         t.sections.append((f"1. Mean V-measure per decoder block (prompt={prompt}, span=all)", ["block", *modes], rows))
         last = max(blocks)
         for m in modes:
             b = max(t.curves[m], key=t.curves[m].get)
-            t.notes.append(f"{m}: best block {b} ({_fmt(best[m])}) vs the last block {last} "
-                           f"({_fmt(t.curves[m].get(last))})")
+            t.notes.append(f"{m}: best block {b} ({fmt_score(best[m])}) vs the last block {last} "
+                           f"({fmt_score(t.curves[m].get(last))})")
     else:
         t.notes.append("no layer sweep among these runs (make table-levers runs one)")
 
@@ -150,7 +145,7 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
     for prompt, mode in keys:
         by_span = {_spec(r)["span"]: r["mean"] for r in span_runs if (r["prompt"], _spec(r)["mode"]) == (prompt, mode)}
         if len(by_span) == 2:
-            rows.append([prompt, mode, _fmt(by_span["all"]), _fmt(by_span["text"]),
+            rows.append([prompt, mode, fmt_score(by_span["all"]), fmt_score(by_span["text"]),
                          f"{100 * (by_span['text'] - by_span['all']):+.1f}"])
     if rows:
         t.sections.append(("2. Pooled tokens: prompt and text (all) vs the text's own (text), last block",
@@ -174,8 +169,8 @@ def levers_table(results: list[dict], refs: dict | None = None) -> LeverTables:
                            ["prompt", *tasks, "mean"], _task_rows(runs, tasks)))
     for r in peers:  # a purpose-built embedder on the same tasks, for scale
         if set(r["scores"]) == set(tasks):
-            t.notes.append(f"peer {r['model']} (sentence-transformers) on the same tasks: {_fmt(r['mean'])} ("
-                           + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(r["scores"].items())) + ")")
+            t.notes.append(f"peer {r['model']} (sentence-transformers) on the same tasks: {fmt_score(r['mean'])} ("
+                           + ", ".join(f"{k} {fmt_score(v)}" for k, v in sorted(r["scores"].items())) + ")")
     if not t.sections:
         raise EmbedkitError("none of the lever sections has runs under the given folders; run `make table-levers`")
     return t

@@ -99,6 +99,13 @@ def untuned(results: list[dict]) -> list[dict]:
     return [r for r in results if "train" not in r]
 
 
+def fmt_score(v: float | None, bold: bool = False) -> str:
+    """A 0-1 score as V-measure x100 with one decimal (``-`` for none; ``bold``: in Markdown bold)."""
+    if v is None:
+        return "-"
+    return f"**{100 * v:.1f}**" if bold else f"{100 * v:.1f}"
+
+
 def is_peer(result: dict) -> bool:
     """Whether ``result`` is a peer's run (a sentence-transformers model, ``model=minilm`` or
     ``model=sentence-transformers``: its results.json has a ``peer`` section)."""

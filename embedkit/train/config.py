@@ -17,6 +17,7 @@ from embedkit.errors import EmbedkitError
 
 # settings that change where or how often checkpoints are written, or when a run stops, not what one step does
 # (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
+_HASHED_IF_SET = {"fit_budget": False}  # fields added later: hashed only when set, so earlier keys still hold
 _NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes", "push_to_hub")
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     max_steps: int = 100
     epochs: int = 1
     max_minutes: float | None = None
+    fit_budget: bool = False
     scheduler: str = "linear"
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
@@ -64,7 +66,9 @@ class TrainConfig:
     """Schedule and numerics: steps are ``min(max_steps, epochs * steps_per_epoch)``; ``max_minutes`` (None: no
     budget) is a wall-time budget for the training loop: the run stops after the step during which it ran
     out, saves a checkpoint and the adapter as at a normal end and records ``stopped_by: budget`` (the LR
-    schedule stays planned for all steps; ``resume`` continues it; not hashed); the transformers
+    schedule stays planned for all steps; ``resume`` continues it; not hashed); ``fit_budget`` (needs
+    ``max_minutes``) times the first steps and re-plans the schedule to the steps the budget holds on this
+    machine (at most the planned ones), so the LR decay completes within the budget; the transformers
     scheduler and its warmup; gradient clipping; ``auto`` (bf16 autocast on CUDA and bf16 CPUs, else fp32),
     ``fp32``, ``bf16`` or ``fp16``; activation checkpointing; the attention dropout while training (the
     paper's "model dropout": SimCSE pairs, anchor == positive, need it > 0)."""
@@ -91,6 +95,8 @@ class TrainConfig:
             (self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"train.max_minutes={self.max_minutes} must be > 0 (null: no time budget)"),
+            (not self.fit_budget or self.max_minutes is not None,
+             "train.fit_budget=true fits the schedule to train.max_minutes: set train.max_minutes too"),
             (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
             (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
             (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),
@@ -120,5 +126,6 @@ class TrainConfig:
         """A 12-hex-digit hash of the trained-on settings (all fields but resume, save_every,
         keep_checkpoints, export, max_minutes and push_to_hub) and ``parts`` (JSON-able: other config nodes,
         the seed)."""
-        keep = {k: v for k, v in vars(self).items() if k not in _NOT_HASHED}
+        keep = {k: v for k, v in vars(self).items()
+                if k not in _NOT_HASHED and not (k in _HASHED_IF_SET and v == _HASHED_IF_SET[k])}
         return hashlib.sha256(json.dumps([keep, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -54,6 +54,8 @@ from embedkit.train.plan import TrainingPlan
 
 log = logging.getLogger(__name__)
 
+FIT_PROBE_STEPS = 5  # train.fit_budget times this many steps (the first not counted) before it re-plans
+
 __all__ = ["Trainer", "memory_gib"]
 
 
@@ -96,14 +98,12 @@ class Trainer:
         self.position_ids = takes_position_ids(self.model)
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.optimizer = optimizer_factory(self.trainable_parameters())
-        from transformers import get_scheduler  # transformers loads only once a model trains
-
-        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = self._schedule(self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.gradcache = GradCache(self.embed_pairs, self._batch_loss, self._backward, self.device)
         self.checkpoint_dir = checkpoint_dir
         self.step = 0
+        self.budget_fit: dict | None = None  # train.fit_budget: the timing and the steps it planned
         self.history: list[dict] = []
         self.false_negatives = 0
         self.grad_norm = float("nan")
@@ -137,13 +137,17 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.show_progress or self.rank != 0, dynamic_ncols=True)
-        loss, stopped_by = float("nan"), "steps"
+        loss, stopped_by, times = float("nan"), "steps", []
         while self.step < self.total_steps:
             epoch, batch = self.plan.epoch(self.step), self.plan.batch(self.step)  # batch
             t = time.perf_counter()
             loss = self.train_step(batch)                                         # forward/backward, clip, step
             dt = time.perf_counter() - t
             pairs_seen += len(batch)
+            times.append(dt)
+            if cfg.fit_budget and self.budget_fit is None and len(times) == min(FIT_PROBE_STEPS, self.total_steps):
+                self.fit_to_budget(t0, times)                                     # re-plan for the budget
+                bar.total = self.total_steps
             row = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],  # log
                    "train/grad_norm": self.grad_norm, "train/pairs_per_s": len(batch) / dt,
                    "train/memory_gib": memory_gib(self.device), "train/epoch": epoch}
@@ -170,6 +174,7 @@ class Trainer:
             log.warning("masked %d false-negative pairs (identical anchors or positives in one batch)",
                         self.false_negatives)
         return {"steps": self.step, "steps_planned": self.total_steps, "stopped_by": stopped_by,
+                "budget_fit": self.budget_fit,
                 "max_minutes": cfg.max_minutes, "steps_this_run": self.step - start_step,
                 "resumed_from": start_step or None,
                 "pairs_seen": self.step * cfg.batch_size, "final_loss": loss,
@@ -180,6 +185,35 @@ class Trainer:
                 "false_negatives_masked": self.false_negatives, "world_size": self.world,
                 "autocast": str(self.dtype).removeprefix("torch.") if self.dtype else "fp32",
                 "pairs": self.pairs.describe()}
+
+    def _schedule(self, total_steps: int):
+        from transformers import get_scheduler  # transformers loads only once a model trains
+
+        return get_scheduler(self.cfg.scheduler, self.optimizer, num_warmup_steps=self.cfg.warmup_steps,
+                             num_training_steps=total_steps)
+
+    def fit_to_budget(self, t0: float, times: list[float]) -> None:
+        """``train.fit_budget``: from the mean time of this run's steps after its first (which pays one-time
+        costs), the steps the rest of ``max_minutes`` holds (2% kept in hand); the plan and the LR schedule
+        are cut to them (never lengthened), the scheduler re-made and advanced to the current step. Under
+        torchrun rank 0's estimate decides for every rank."""
+        per_step = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+        left = self.cfg.max_minutes * 60 - (time.perf_counter() - t0)
+        fits = self.step + max(int(left * 0.98 / per_step), 0)
+        if self.world > 1:
+            flag = torch.tensor([float(fits)], device=self.device)
+            dist.broadcast(flag, src=0)
+            fits = int(flag.item())
+        total = max(self.step, min(self.total_steps, fits))
+        self.budget_fit = {"probe_steps": len(times), "s_per_step": round(per_step, 3),
+                           "steps_planned_before": self.total_steps, "steps": total}
+        if total != self.total_steps:  # the schedule for ``total`` steps, advanced to this step
+            self.total_steps, self.scheduler = total, self._schedule(total)
+            for _ in range(self.step):
+                self.scheduler.step()
+        log.info("train.fit_budget: %.2f s per step, so %g minutes hold %d steps (planned %d); the LR schedule now "
+                 "ends at step %d", per_step, self.cfg.max_minutes, fits, self.budget_fit["steps_planned_before"],
+                 total)
 
     def out_of_time(self, t0: float) -> bool:
         """Whether the budget ``train.max_minutes`` (None: none) has run out since ``t0`` (``perf_counter``);
@@ -295,7 +329,8 @@ class Trainer:
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device),
                         "scaler": self.scaler.state_dict() if self.scaler else None,
-                        "history": self.history, "false_negatives": self.false_negatives}, tmp / "state.pt")
+                        "history": self.history, "false_negatives": self.false_negatives,
+                        "budget_fit": self.budget_fit}, tmp / "state.pt")
         for old in self._checkpoints()[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return target
@@ -313,6 +348,10 @@ class Trainer:
         set_peft_model_state_dict(self.model, weights)
         state = torch.load(last / "state.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("budget_fit"):  # the schedule as fitted by the first run
+            self.budget_fit = state["budget_fit"]
+            self.total_steps = self.budget_fit["steps"]
+            self.scheduler = self._schedule(self.total_steps)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
