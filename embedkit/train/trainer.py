@@ -197,13 +197,9 @@ class Trainer:
         costs), the steps the rest of ``max_minutes`` holds (2% kept in hand); the plan and the LR schedule
         are cut to them (never lengthened), the scheduler re-made and advanced to the current step. Under
         torchrun rank 0's estimate decides for every rank."""
-        per_step = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+        per_step = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
         left = self.cfg.max_minutes * 60 - (time.perf_counter() - t0)
-        fits = self.step + max(int(left * 0.98 / per_step), 0)
-        if self.world > 1:
-            flag = torch.tensor([float(fits)], device=self.device)
-            dist.broadcast(flag, src=0)
-            fits = int(flag.item())
+        fits = int(self._rank0(self.step + max(int(left * 0.98 / per_step), 0)))
         total = max(self.step, min(self.total_steps, fits))
         self.budget_fit = {"probe_steps": len(times), "s_per_step": round(per_step, 3),
                            "steps_planned_before": self.total_steps, "steps": total}
@@ -220,12 +216,15 @@ class Trainer:
         under torchrun rank 0's clock decides for every rank, so all stop after the same step."""
         if self.cfg.max_minutes is None:
             return False
-        over = time.perf_counter() - t0 >= self.cfg.max_minutes * 60
-        if self.world > 1:
-            flag = torch.tensor([float(over)], device=self.device)
-            dist.broadcast(flag, src=0)
-            over = bool(flag.item())
-        return over
+        return bool(self._rank0(time.perf_counter() - t0 >= self.cfg.max_minutes * 60))
+
+    def _rank0(self, value: float) -> float:
+        """``value`` as rank 0 has it (under torchrun every rank then decides alike; alone: ``value``)."""
+        if self.world == 1:
+            return value
+        flag = torch.tensor([float(value)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return flag.item()
 
     def train_step(self, batch: list[int]) -> float:
         """One optimizer step on the pairs ``batch`` (global indices; each rank takes its slice): forward and
