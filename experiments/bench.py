@@ -20,6 +20,10 @@ Every figure is a ratio against a baseline run in the same invocation on the sam
              peak RSS: a plain hand-written peft loop (``baselines.PlainLoop``) vs embedkit's Trainer on the
              same token ids, LoRA r 16 on every linear layer, each in its own process; once with the
              paper's dropouts (attention 0.05, LoRA 0.05) and once without dropout
+  recipe     one step of the adaptation recipe's size (32 pairs x 64 text tokens, no dropout), embedkit's
+             Trainer with torch's fused CPU attention (the kernel before train.attention) vs train.attention=auto
+             (the math kernel at these widths) and vs auto with train.lora_depth=0.5 (LoRA on the upper half
+             of the blocks, the backward stops there); the plain loop beside them; each in its own process
   generate   paraphrasing one text per ``generate`` call vs batched generation (same new-token bound)
   memory     peak RSS of encoding 10k texts in a fresh process
   scaling    encode time against the number of texts and their length (linear in texts?)
@@ -67,17 +71,18 @@ PROFILES = {
     "cpu": dict(short=512, long=48, batch=32, max_tokens=16384, train_micro=12, train_accumulation=10,
                 train_steps=1, train_max_length=32, gen_texts=16, gen_new_tokens=48, memory_texts=10_000,
                 memory_max_length=16, scale_texts=[200, 400, 800], scale_lengths=[32, 128, 512],
-                scale_length_texts=32, step_pairs=16, step_max_length=128, step_steps=2,
+                scale_length_texts=32, step_pairs=16, step_max_length=128, step_steps=2, recipe_pairs=32, recipe_max_length=64,
                 packing_texts=32, packing_words=[3, 8, 20, 60, 150]),
     "gpu": dict(short=4096, long=1024, batch=512, max_tokens=65536, compile=True, train_micro=12, train_accumulation=10,
                 train_steps=3, train_max_length=100, gen_texts=16, gen_new_tokens=64, memory_texts=0,
                 memory_max_length=32, scale_texts=[1000, 4000, 16000], scale_lengths=[32, 128, 512],
-                scale_length_texts=1000, step_pairs=64, step_max_length=128, step_steps=3,
+                scale_length_texts=1000, step_pairs=64, step_max_length=128, step_steps=3, recipe_pairs=64, recipe_max_length=64,
                 packing_texts=2000, packing_words=[3, 8, 20, 60, 150, 300]),
     "smoke": dict(short=12, long=4, batch=8, max_tokens=2048, train_micro=3, train_accumulation=2,
                   train_steps=1, train_max_length=8, gen_texts=2, gen_new_tokens=4, memory_texts=40,
                   memory_max_length=8, scale_texts=[8, 16], scale_lengths=[8, 16], scale_length_texts=4,
-                  step_pairs=4, step_max_length=16, step_steps=1, packing_texts=6, packing_words=[2, 6, 20]),
+                  step_pairs=4, step_max_length=16, step_steps=1, recipe_pairs=4, recipe_max_length=16,
+                  packing_texts=6, packing_words=[2, 6, 20]),
 }
 GOALS = {  # what (key in the results) -> (goal text, test)
     # CPU goals: >= 3x where the CPU has no bf16 (both sides fp32), >= 5x where dtype=auto runs bf16
@@ -93,6 +98,9 @@ GOALS = {  # what (key in the results) -> (goal text, test)
     "train_memory_ratio": ("<= 1.3x one micro-batch", lambda v, gpu: v <= 1.3),
     "step_speed_vs_plain": (">= 1.0x a plain loop", lambda v, gpu: v >= 1.0),
     "step_memory_vs_plain": ("<= 1.0x a plain loop", lambda v, gpu: v <= 1.0),
+    "recipe_step_kernel": (">= 1.1x the fused kernel (CPU)", lambda v, gpu: gpu or v >= 1.1),
+    "recipe_step_depth": (">= 1.3x every block, fused", lambda v, gpu: v >= 1.3),
+    "recipe_step_vs_plain": (">= 1.0x a plain loop", lambda v, gpu: v >= 1.0),
     "generate_speedup": (">= 5x", lambda v, gpu: v >= 5),
     "levers_sweep_cost": ("<= 1.2x one encode", lambda v, gpu: v <= 1.2),
     "ensemble_forward_calls": ("0 (members cached)", lambda v, gpu: v == 0),
@@ -462,15 +470,17 @@ def step_child(args, p: dict, device: torch.device) -> dict:
     from embedkit.train import Trainer, TrainConfig
     from embedkit.train.plan import TrainingPlan
 
-    n, steps = p["step_pairs"], p["step_steps"]
+    recipe = args.recipe
+    n, steps = p["recipe_pairs" if recipe else "step_pairs"], p["step_steps"]
+    max_length = p["recipe_max_length" if recipe else "step_max_length"]
     src = DATA / "pairs/twentynewsgroups_subject_body/train.jsonl"
     pairs = (load_pairs(str(src), max_rows=n * (steps + 1), seed=0) if src.exists()
              else stdlib_pairs(max_rows=n * (steps + 1), seed=0))
     pairs = PairSet(pairs.name, pairs.anchors, pairs.positives, None, pairs.source)
     bb, _ = build(args.model, device, want_lm=False)
     cfg = TrainConfig(r=16, alpha=32, dropout=args.dropout, model_dropout=args.dropout, batch_size=n, chunk_size=n,
-                      max_length=p["step_max_length"], max_steps=steps + 1, warmup_steps=0, temperature=0.05,
-                      mask_false_negatives=False)
+                      max_length=max_length, max_steps=steps + 1, warmup_steps=0, temperature=0.05,
+                      mask_false_negatives=False, attention=args.attention, lora_depth=args.lora_depth)
     plan = TrainingPlan(bb.tokenizer, EOL, pairs, cfg, 0, 1)
     torch.manual_seed(0)
     if args.child == "step-ours":
@@ -492,7 +502,8 @@ def step_child(args, p: dict, device: torch.device) -> dict:
         step(0)
         sync(device)
     _, dt = timed(lambda: [step(i) for i in range(1, steps + 1)], device)
-    return {"scheme": args.child, "dropout": args.dropout, "pairs": n, "tokens_per_step": tokens,
+    return {"scheme": args.child, "dropout": args.dropout, "attention": args.attention, "lora_depth": args.lora_depth,
+            "pairs": n, "max_length": max_length, "tokens_per_step": tokens,
             "s_per_step": round(dt / steps, 2), "peak_rss_gib": round(rss.peak / 2**30, 3),
             "step_memory_gib": round(max(rss.peak - rss.start, 0) / 2**30, 3)}
 
@@ -650,6 +661,18 @@ def summarize(results: dict, gpu: bool) -> list[dict]:
                     round(b["s_per_step"] / o["s_per_step"], 2))
                 add("step_memory_vs_plain", f"{what}: peak GiB", b["peak_rss_gib"], o["peak_rss_gib"],
                     round(o["peak_rss_gib"] / b["peak_rss_gib"], 2))
+        if "recipe" in r:
+            q = r["recipe"]
+            fused, auto, half, plain = q["fused"], q["auto"], q["auto_depth0.5"], q["plain"]
+            what = f"{model}: recipe step, {auto['pairs']} pairs x {auto['max_length']} tokens ({auto['tokens_per_step']} tokens)"
+            add("recipe_step_kernel", f"{what}: fused vs auto attention, s/step (peak GiB {fused['peak_rss_gib']} vs "
+                f"{auto['peak_rss_gib']})", fused["s_per_step"], auto["s_per_step"],
+                round(fused["s_per_step"] / auto["s_per_step"], 2))
+            add("recipe_step_depth", f"{what}: every block fused vs lora_depth 0.5 auto, s/step (peak GiB "
+                f"{half['peak_rss_gib']})", fused["s_per_step"], half["s_per_step"],
+                round(fused["s_per_step"] / half["s_per_step"], 2))
+            add("recipe_step_vs_plain", f"{what}: plain loop vs embedkit (auto), s/step", plain["s_per_step"],
+                auto["s_per_step"], round(plain["s_per_step"] / auto["s_per_step"], 2))
         if "generate" in r:
             g = r["generate"]
             add("generate_speedup", f"{model}: paraphrase {g['texts']} texts, pairs/s",
@@ -684,12 +707,15 @@ def main() -> None:
     ap.add_argument("--profile", choices=list(PROFILES), default=None,
                     help="sizes: cpu (default without a GPU), gpu (default with one), smoke (seconds)")
     ap.add_argument("--models", default="smollm2-135m", help="comma-separated: smollm2-135m or experiments/configs/*")
-    ap.add_argument("--sections", default="encode,packing,poolings,levers,train,step,generate,memory,scaling")
+    ap.add_argument("--sections", default="encode,packing,poolings,levers,train,step,recipe,generate,memory,scaling")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "outputs/bench/latest.json"))
     ap.add_argument("--child", choices=["train-paper", "train-ours", "step-plain", "step-ours", "memory"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--dropout", type=float, default=0.05, help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--lora-depth", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -740,6 +766,13 @@ def main() -> None:
             r["step"] = {f"{side}_{d}": spawn(args, f"step-{side}", name, "--dropout", str(d))
                          for d in (0.05, 0.0) for side in ("plain", "ours")}
             print(f"  {name} step: {r['step']}", flush=True)
+        if "recipe" in sections:
+            recipe = ("--recipe", "--dropout", "0")
+            r["recipe"] = {"plain": spawn(args, "step-plain", name, *recipe),
+                           "fused": spawn(args, "step-ours", name, *recipe, "--attention", "fused"),
+                           "auto": spawn(args, "step-ours", name, *recipe, "--attention", "auto"),
+                           "auto_depth0.5": spawn(args, "step-ours", name, *recipe, "--lora-depth", "0.5")}
+            print(f"  {name} recipe: {r['recipe']}", flush=True)
         if "memory" in sections and p["memory_texts"]:
             r["memory"] = spawn(args, "memory", name)
             print(f"  {name} memory: {r['memory']}", flush=True)

@@ -148,7 +148,13 @@ def test_bench_smoke(tmp_path):
     rows = [x for x in data["summary"] if x["key"] == "step_speed_vs_plain"]
     assert [x["value"] for x in rows] == [round(r["step"][f"plain_{d}"]["s_per_step"] / r["step"][f"ours_{d}"]["s_per_step"], 2)
                                           for d in (0.05, 0.0)]
+    rc = r["recipe"]  # the recipe's step: fused vs auto kernel vs auto at lora_depth 0.5, same token ids
+    assert rc["fused"]["tokens_per_step"] == rc["auto"]["tokens_per_step"] == rc["plain"]["tokens_per_step"]
+    assert (rc["fused"]["attention"], rc["auto"]["attention"], rc["auto_depth0.5"]["lora_depth"]) == ("fused", "auto", 0.5)
+    assert summary["recipe_step_kernel"]["value"] == round(rc["fused"]["s_per_step"] / rc["auto"]["s_per_step"], 2)
+    assert summary["recipe_step_depth"]["value"] == round(rc["fused"]["s_per_step"] / rc["auto_depth0.5"]["s_per_step"], 2)
     assert {"encode_short_speedup", "poolings_cost", "rerun_forward_calls", "train_speedup", "train_memory_ratio",
             "generate_speedup", "memory_10k_gib", "scaling_linearity", "levers_sweep_cost",
-            "ensemble_forward_calls", "step_speed_vs_plain", "step_memory_vs_plain"} <= set(summary)
+            "ensemble_forward_calls", "step_speed_vs_plain", "step_memory_vs_plain", "recipe_step_kernel",
+            "recipe_step_depth", "recipe_step_vs_plain"} <= set(summary)
     assert "| what | baseline | embedkit |" in res.stdout

@@ -237,12 +237,113 @@ def test_bad_training_input_is_named(backbone, pairs, tmp_path):
         make(backbone, pairs, batch_size=8, target_modules=["q_proj", "qkv"])
     with pytest.raises(EmbedkitError, match="train.negatives='some'"):
         TrainConfig(negatives="some")
+    with pytest.raises(EmbedkitError, match=r"train.lora_depth=0 must be in \(0, 1\]: the share of the blocks"):
+        TrainConfig(lora_depth=0)
+    with pytest.raises(EmbedkitError, match="train.packing='yes': use auto, true or false"):
+        TrainConfig(packing="yes")
+    assert TrainConfig(packing=False).packing == "false"  # YAML's bare false
+    with pytest.raises(EmbedkitError, match="train.attention='flash': use auto, math or fused"):
+        TrainConfig(attention="flash")
     nan = make(backbone, pairs, tmp_path, lr=1e30, batch_size=8, chunk_size=8, max_steps=4, save_every=1)
     with pytest.raises(EmbedkitError, match="the loss became nan"):
         nan.fit()
     for ckpt in tmp_path.glob("step-*"):  # every checkpoint written holds finite weights
         state = torch.load(ckpt / "state.pt", weights_only=False)
         assert all(math.isfinite(h["train/loss"]) for h in state["history"])
+
+
+def attention_ops(t, batch) -> tuple[float, set[str]]:
+    """(loss, the attention ops) of one gradient accumulation of ``t`` (forward and backward)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        loss = t.accumulate_gradients(batch)
+    return loss, {e.key for e in prof.key_averages()
+                  if "attention" in e.key or e.key in ("aten::_softmax", "aten::bmm")}
+
+
+def test_the_math_attention_kernel_trains_like_the_fused_one_and_auto_picks_it_for_short_sequences(backbone, pairs):
+    """The CPU attention kernel (train.attention) changes the speed, not the step: the same loss and LoRA
+    gradients; auto takes math for short training passes only, never under no_grad or checkpointing."""
+    from embedkit.train.lora import MATH_ATTENTION_BYTES, attention_kernel
+
+    batch = list(range(8))
+    fused = make(backbone, pairs, batch_size=8, chunk_size=8, attention="fused")
+    math_ = make(backbone, pairs, batch_size=8, chunk_size=8, attention="math")
+    auto = make(backbone, pairs, batch_size=8, chunk_size=8)
+    same_lora_weights(fused, math_, auto)
+    runs = {name: attention_ops(t, batch) for name, t in [("fused", fused), ("math", math_), ("auto", auto)]}
+    ops = {name: run[1] for name, run in runs.items()}
+    assert any("flash_attention" in op for op in ops["fused"]) and "aten::bmm" not in ops["fused"], ops
+    assert not any("flash_attention" in op for op in ops["math"]) and "aten::_softmax" in ops["math"], ops
+    assert ops["auto"] == ops["math"]  # 16 text tokens: the kept weights are small
+    assert runs["math"][0] == pytest.approx(runs["fused"][0], rel=1e-5)
+    assert_grads_close(lora_grads(math_), lora_grads(fused))
+
+    cpu, model = torch.device("cpu"), auto.model
+    heads, blocks = model.config.num_attention_heads, model.config.num_hidden_layers
+    short, wide = [16] * 8, [1024] * 64
+    assert 2 * 4 * blocks * 64 * heads * 1024 ** 2 > MATH_ATTENTION_BYTES
+    kernel = lambda choice, ids: attention_kernel(choice, cpu, model, ids)  # noqa: E731
+    assert type(kernel("auto", short)).__name__ != "nullcontext"
+    assert type(kernel("auto", wide)).__name__ == "nullcontext"  # 64 x 1024 tokens: the fused kernel's memory
+    assert type(attention_kernel("auto", cpu, model, [512] + [16] * 63, packed=True)).__name__ != "nullcontext"
+    assert type(attention_kernel("auto", cpu, model, [512] + [16] * 63)).__name__ == "nullcontext"  # padded
+    assert type(kernel("math", wide)).__name__ != "nullcontext"  # asked for: granted
+    assert type(kernel("fused", short)).__name__ == "nullcontext"
+    assert type(attention_kernel("auto", torch.device("cuda"), model, short)).__name__ == "nullcontext"
+    with torch.no_grad():
+        assert type(kernel("auto", short)).__name__ == "nullcontext"  # inference: no weights kept
+    checkpointed = make(backbone, pairs, batch_size=8, chunk_size=8, gradient_checkpointing=True)
+    assert type(attention_kernel("auto", cpu, checkpointed.model, short)).__name__ == "nullcontext"
+
+
+def test_packed_training_passes_give_the_padded_loss_and_gradients(backbone, pairs):
+    """train.packing: the step's texts in one padding-free row (per-sequence attention) is the same step as
+    padded passes grouped by width, to float tolerance; GradCache chunks pack too."""
+    padded = make(backbone, pairs, batch_size=8, chunk_size=8, packing="false")
+    packed = make(backbone, pairs, batch_size=8, chunk_size=8, packing="true")
+    chunked = make(backbone, pairs, batch_size=8, chunk_size=3, packing="auto")  # auto: packed on the CPU
+    assert (padded.packed, packed.packed, chunked.packed) == (False, True, True)
+    same_lora_weights(padded, packed, chunked)
+    batch = list(range(8))
+    widths = {len(s) for s in padded.plan.sequences(batch)}
+    assert len(widths) > 3  # different lengths: the padded passes hold padding that packing drops
+    want = padded.accumulate_gradients(batch)
+    assert packed.accumulate_gradients(batch) == pytest.approx(want, rel=1e-5)
+    assert chunked.accumulate_gradients(batch) == pytest.approx(want, rel=1e-5)
+    assert_grads_close(lora_grads(packed), lora_grads(padded))
+    assert_grads_close(lora_grads(chunked), lora_grads(padded))
+
+
+def test_lora_depth_adapts_the_upper_blocks_only_and_the_backward_stops_below_them(backbone, pairs):
+    from embedkit.embed.states import decoder_blocks
+    from embedkit.train.lora import block_range
+
+    t = make(backbone, pairs, batch_size=8, chunk_size=8, lora_depth=0.5)
+    tuned = sorted({int(n.split("layers.")[1].split(".")[0]) for n, _ in t.model.named_parameters() if "lora_" in n})
+    assert tuned == list(range(15, 30))  # the upper half of the 30 blocks
+    wants_grad = {}
+
+    def record(i):
+        def hook(module, args, out):
+            wants_grad.setdefault(i, (out[0] if isinstance(out, tuple) else out).requires_grad)
+        return hook
+
+    blocks = decoder_blocks(t.model)
+    hooks = [blocks[i].register_forward_hook(record(i)) for i in (14, 15)]
+    try:
+        t.accumulate_gradients(list(range(8)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert wants_grad == {14: False, 15: True}  # no graph, so no backward, below the adapted blocks
+    grads = lora_grads(t)
+    assert len(grads) == 15 * 2 * 6 and all(float(g.abs().sum()) > 0 for n, g in grads.items() if "lora_B" in n)
+    # with a pooling that reads block 9, the depth counts blocks 0..9
+    assert block_range(t.model, Pooling("p", "mean", layer=9), 0.5) == (30, 5, 9)
+    assert block_range(t.model, None, 0.01) == (30, 29, 29)  # at least one block
+    assert block_range(t.model, None, 1.0) == (30, 0, 29)
 
 
 def test_the_lora_yaml_states_the_train_config_defaults():

@@ -17,7 +17,7 @@ from embedkit.errors import EmbedkitError
 
 # settings that change where or how often checkpoints are written, or when a run stops, not what one step does
 # (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
-_HASHED_IF_SET = {"fit_budget": False}  # fields added later: hashed only when set, so earlier keys still hold
+_HASHED_IF_SET = {"fit_budget": False, "lora_depth": 1.0, "attention": "auto", "packing": "false"}  # fields added later: hashed only when set, so earlier keys still hold
 _NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes", "push_to_hub")
 
 
@@ -36,8 +36,11 @@ class TrainConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    """LoRA adapter (peft): rank ``r``, scale ``alpha``, LoRA dropout, and the names of the linear layers
-    that get an adapter (the last component of the module name)."""
+    lora_depth: float = 1.0
+    """LoRA adapter (peft): rank ``r``, scale ``alpha``, LoRA dropout, the names of the linear layers
+    that get an adapter (the last component of the module name), and the share of the blocks, counted from
+    the top (the highest block pooling reads), that get them: below those the model stays frozen and the
+    backward pass stops, so 0.5 makes a step about 1.5x cheaper (``make bench``, section recipe)."""
 
     temperature: float = 0.2
     symmetric: bool = False
@@ -63,6 +66,8 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     model_dropout: float = 0.05
+    attention: str = "auto"
+    packing: str = "false"
     """Schedule and numerics: steps are ``min(max_steps, epochs * steps_per_epoch)``; ``max_minutes`` (None: no
     budget) is a wall-time budget for the training loop: the run stops after the step during which it ran
     out, saves a checkpoint and the adapter as at a normal end and records ``stopped_by: budget`` (the LR
@@ -71,7 +76,13 @@ class TrainConfig:
     machine (at most the planned ones), so the LR decay completes within the budget; the transformers
     scheduler and its warmup; gradient clipping; ``auto`` (bf16 autocast on CUDA and bf16 CPUs, else fp32),
     ``fp32``, ``bf16`` or ``fp16``; activation checkpointing; the attention dropout while training (the
-    paper's "model dropout": SimCSE pairs, anchor == positive, need it > 0)."""
+    paper's "model dropout": SimCSE pairs, anchor == positive, need it > 0); the attention kernel of the
+    training passes on CPU (``embedkit.train.lora.attention_kernel``): ``auto`` (the math kernel where the
+    attention weights it keeps for the backward stay small, short sequences: faster there; else fused),
+    ``math`` or ``fused`` (torch's flash kernel for CPU, the least memory). GPUs always use the fused one;
+    padding-free training passes (``embedkit.embed.packing``, as ``encode.packing``): ``auto`` packs on the
+    CPU (a step's texts in one row, no padding), ``true`` also on CUDA (varlen flash attention, not yet run
+    on a GPU), ``false`` runs padded passes grouped by width."""
 
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -109,6 +120,13 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"train.precision={self.precision!r}: use auto, fp32, bf16 or fp16"),
+            (0 < self.lora_depth <= 1,
+             f"train.lora_depth={self.lora_depth} must be in (0, 1]: the share of the blocks, from the top, "
+             "that get LoRA (1: all)"),
+            (str(self.packing).lower() in ("auto", "true", "false"),
+             f"train.packing={self.packing!r}: use auto, true or false"),
+            (self.attention in ("auto", "math", "fused"),
+             f"train.attention={self.attention!r}: use auto, math or fused"),
             (self.scheduler in ("linear", "cosine", "constant", "constant_with_warmup"),
              f"train.scheduler={self.scheduler!r}: use linear, cosine, constant or constant_with_warmup"),
         ]
@@ -116,6 +134,7 @@ class TrainConfig:
             if not ok:
                 raise EmbedkitError(message)
         self.target_modules = tuple(self.target_modules)
+        self.packing = str(self.packing).lower()  # YAML's true/false may arrive as a bool
         if self.push_to_hub is not None:  # uploading needs the export: asking for the one asks for both
             from embedkit.train.hub import check_repo_id
 

@@ -48,7 +48,7 @@ from embedkit.io import atomic_dir
 from embedkit.train.config import TrainConfig
 from embedkit.train.distributed import all_gather_with_grad, average_gradients, chunk_groups, rank_and_world, rank_slices
 from embedkit.train.gradcache import Embeddings, GradCache, rng_state
-from embedkit.train.lora import autocast_dtype, embed_sequences, make_lora_model
+from embedkit.train.lora import autocast_dtype, embed_sequences, make_lora_model, train_packing
 from embedkit.train.losses import info_nce
 from embedkit.train.plan import TrainingPlan
 
@@ -96,6 +96,7 @@ class Trainer:
         self.tokenizer, self.device, self.base_name = backbone.tokenizer, backbone.device, backbone.name
         self.model = make_lora_model(backbone, cfg, pooling)
         self.position_ids = takes_position_ids(self.model)
+        self.packed = train_packing(cfg.packing, self.device, self.position_ids)
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.optimizer = optimizer_factory(self.trainable_parameters())
         self.scheduler = self._schedule(self.total_steps)
@@ -289,7 +290,8 @@ class Trainer:
         """The embeddings of the pairs ``idx`` (global indices) through the LoRA model, in one encoding:
         ``(anchors, positives, hard negatives or None)``, each [len(idx), D] float32."""
         reps = embed_sequences(self.model, self.plan.sequences(idx), self.pooling, self.tokenizer.pad_token_id,
-                               self.device, self.dtype, self.position_ids, spans=self.plan.spans(idx))
+                               self.device, self.dtype, self.position_ids, spans=self.plan.spans(idx),
+                               attention=self.cfg.attention, packed=self.packed)
         n = len(idx)
         return reps[:n], reps[n:2 * n], (reps[2 * n:] if self.plan.negative_ids is not None else None)
 
