@@ -629,6 +629,10 @@ def summarize(results: dict, gpu: bool) -> list[dict]:
             e = r["encode_long"]
             add("encode_long_peak_share", f"{model}: encode long, TFLOP/s (share of 989 peak)",
                 e["baseline_tflops"], e["ours_tflops"], e["ours_peak_share"])
+        elif not gpu and "encode_long" in r:  # a GPU-only goal: listed, so the table shows what is still open
+            rows.append({"key": "encode_long_peak_share", "what": f"{model}: encode long, share of the GPU's bf16 peak",
+                         "baseline": "-", "ours": "-", "value": "-", "goal": GOALS["encode_long_peak_share"][0],
+                         "met": None})
         if "poolings" in r:
             q = r["poolings"]
             add("poolings_cost", f"{model}: {q['poolings']} poolings vs 1, s", q["one_pooling_s"], q["all_poolings_s"],
@@ -692,7 +696,7 @@ def print_table(rows: list[dict], results: dict) -> None:
     print("\n| what | baseline | embedkit | ratio / value | goal | met |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['what']} | {r['baseline']} | {r['ours']} | {r['value']} | {r['goal']} | "
-              f"{'yes' if r['met'] else 'NO'} |")
+              f"{'not measured (needs a CUDA GPU)' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
     for model, r in results["models"].items():
         if "scaling" in r:
             print(f"\n{model} scaling (ours): texts -> s: " + ", ".join(

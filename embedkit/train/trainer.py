@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from embedkit.embed.pooling import Pooling
 from embedkit.embed.prompts import Prompt
 from embedkit.errors import EmbedkitError
 from embedkit.io import atomic_dir
+from embedkit.runtime import memory_gib, reset_peak_memory
 from embedkit.train.config import TrainConfig
 from embedkit.train.distributed import all_gather_with_grad, average_gradients, chunk_groups, rank_and_world, rank_slices
 from embedkit.train.gradcache import Embeddings, GradCache, rng_state
@@ -56,17 +56,7 @@ log = logging.getLogger(__name__)
 
 FIT_PROBE_STEPS = 5  # train.fit_budget times this many steps (the first not counted) before it re-plans
 
-__all__ = ["Trainer", "memory_gib"]
-
-
-def memory_gib(device: torch.device, peak: bool = False) -> float:
-    """Memory of this process in GiB, rounded to 3 digits: on CUDA what is allocated on ``device`` now
-    (``peak=True``: the most since the last ``torch.cuda.reset_peak_memory_stats``); on CPU the peak RSS
-    either way."""
-    if device.type == "cuda":
-        b = torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
-        return round(b / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # peak RSS (KiB -> GiB)
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -114,8 +104,9 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def peak_memory_gib(self) -> float:
-        """Peak memory in GiB: on CUDA the most allocated on the training device since ``fit`` started
-        (or since the caller's last ``torch.cuda.reset_peak_memory_stats``); on CPU the peak RSS."""
+        """Peak memory in GiB since ``fit`` started (or since the caller's last ``reset_peak_memory``): on
+        CUDA the most allocated on the training device; on CPU the peak RSS of the process (Linux; elsewhere
+        since the process started)."""
         return memory_gib(self.device, peak=True)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -134,8 +125,7 @@ class Trainer:
         if self.step == 0:
             torch.manual_seed(self.seed)  # dropout masks; a resumed run restores the saved random state
         start_step, t0, pairs_seen = self.step, time.perf_counter(), 0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.show_progress or self.rank != 0, dynamic_ncols=True)
         loss, stopped_by, times = float("nan"), "steps", []
