@@ -460,8 +460,8 @@ def test_quantized_base_weights_need_cuda_and_say_so():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: the peak RSS reset")
 def test_the_training_peak_memory_does_not_carry_earlier_work():
-    """train.peak_memory_gib is the training loop's peak: fit() resets the process's peak RSS first, so a
-    large evaluation before training does not show as training memory."""
+    """The reset that fit() runs before its first step (so train.peak_memory_gib is the training loop's
+    peak, not the evaluation's before it) does drop the process's peak RSS to what it holds now."""
     from embedkit.runtime import memory_gib, reset_peak_memory
 
     cpu = torch.device("cpu")
