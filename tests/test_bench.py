@@ -126,6 +126,11 @@ def test_bench_smoke(tmp_path):
         assert (row["baseline"], row["ours"], row["value"]) == (e["baseline_texts_per_s"], e["ours_texts_per_s"],
                                                                  e["speedup"])
         assert row["met"] == (e["speedup"] >= (5 if cpu_supports_bf16() else 3))  # the CPU goal of this CPU kind
+        # the pass's TFLOP/s against this machine's own matmul rate, measured in the same run and named in the row
+        assert e["ours_matmul_share"] == pytest.approx(e["ours_tflops"] / data["matmul_tflops_measured"],
+                                                   abs=0.006 / data["matmul_tflops_measured"] + 0.001)  # 2-decimal TFLOP/s
+        assert f"{e['ours_matmul_share']:.0%} of this machine's" in row["what"]
+    assert data["machine"]["cpu_bf16"] == (data["machine"]["cpu_bf16_isa"] is not None)
     # a GPU-only goal on a CPU run: listed as not measured (no value, met None), not silently dropped
     assert summary["encode_long_peak_share"]["met"] is None and summary["encode_long_peak_share"]["value"] == "-"
     assert "not measured (needs a CUDA GPU)" in res.stdout

@@ -57,8 +57,8 @@ class EncodeConfig:
     ``choices`` in a field's metadata are checked by embedkit.schema."""
 
     max_length: int = field(default=512, metadata={"min": 1})
-    batch_size: int = field(default=32, metadata={"min": 1})
-    max_tokens: int = field(default=16384, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    max_tokens: int = field(default=4096, metadata={"min": 1})
     cache: bool = True
     show_progress: bool = True
     compile: bool = False
@@ -141,8 +141,8 @@ class Encoder:
         backbone: Backbone,
         prompt: Prompt,
         max_length: int = 512,
-        batch_size: int = 32,
-        max_tokens: int = 16384,
+        batch_size: int = 128,
+        max_tokens: int = 4096,
         cache_dir: str | os.PathLike | None = None,
         show_progress: bool = True,
         compile: bool = False,
