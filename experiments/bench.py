@@ -60,15 +60,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from baselines import PaperTrainer, PlainLoop, paper_encode  # noqa: E402
-from embedkit.embed.encoder import Encoder, flush_cache_writes  # noqa: E402
-from embedkit.embed.models import Backbone, cpu_supports_bf16, load_backbone, resolve_device, resolve_dtype  # noqa: E402
+from embedkit.embed.encoder import EncodeConfig, Encoder, flush_cache_writes  # noqa: E402
+from embedkit.embed.models import Backbone, cpu_bf16_isa, cpu_supports_bf16, load_backbone, resolve_device, resolve_dtype  # noqa: E402
 from embedkit.embed.pooling import MODES, Pooling  # noqa: E402
 from embedkit.embed.prompts import Prompt, tokenize  # noqa: E402
 
 EOL = Prompt("eol", 'This sentence: "{text}" means in one word:')
 NONE = Prompt("none", "{text}")
 PROFILES = {
-    "cpu": dict(short=512, long=48, batch=128, max_tokens=4096,  # encode defaults (conf/config.yaml)
+    "cpu": dict(short=512, long=48, batch=EncodeConfig.batch_size, max_tokens=EncodeConfig.max_tokens,  # the defaults
                 train_micro=12, train_accumulation=10,
                 train_steps=1, train_max_length=32, gen_texts=16, gen_new_tokens=48, memory_texts=10_000,
                 memory_max_length=16, scale_texts=[200, 400, 800], scale_lengths=[32, 128, 512],
@@ -608,12 +608,8 @@ def machine(device: torch.device) -> dict:
         info["cpu"] = names[0] if names else info["cpu"]
     except OSError:
         pass
-    info["cpu_bf16"] = cpu_supports_bf16()
-    try:  # which bf16 instructions: AMX tiles run bf16 matmuls several times faster than AVX512-BF16 dot products
-        flags = Path("/proc/cpuinfo").read_text()
-        info["cpu_bf16_isa"] = "+".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or None
-    except OSError:
-        info["cpu_bf16_isa"] = None
+    info["cpu_bf16_isa"] = cpu_bf16_isa()
+    info["cpu_bf16"] = info["cpu_bf16_isa"] is not None
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True, timeout=5).stdout.strip() or None
