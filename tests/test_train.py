@@ -103,6 +103,76 @@ def test_info_nce_matches_a_hand_computation():
         hand_info_nce(a, p, t, n, exclude=everything), rel=1e-5)
 
 
+def hand_gte(a, p, t, negatives=(), margin=0.0, exclude=None):
+    """GTE's improved contrastive loss in python floats: for anchor i one softmax over a_i -> every positive
+    and hard negative, a_i -> the other anchors, every anchor -> p_i (the positive again) and p_i -> the other
+    positives; a mark ``exclude[i][j]`` drops p_j for a_i and a_i for p_j, and both same-type pairs."""
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    marked = lambda i, j: exclude is not None and bool(exclude[i][j])  # noqa: E731
+    total, n = 0.0, len(a)
+    for i in range(n):
+        pos = (cos(a[i], p[i]) - margin) / t
+        logits = [pos, pos]  # a_i -> p_i and, in the third term, a_i -> p_i again
+        for j in range(n):
+            if j == i:
+                continue
+            if not marked(i, j):
+                logits.append(cos(a[i], p[j]) / t)
+            if not marked(j, i):
+                logits.append(cos(a[j], p[i]) / t)
+            if not (marked(i, j) or marked(j, i)):
+                logits += [cos(a[i], a[j]) / t, cos(p[i], p[j]) / t]
+        logits += [cos(a[i], x) / t for x in negatives]
+        total += -(pos - math.log(sum(math.exp(x) for x in logits)))
+    return total / n
+
+
+def test_the_gte_partition_matches_a_hand_computation():
+    """train.partition=gte: the loss of Li et al. 2023 (about 4N candidates from the same encodings), with
+    margins, hard negatives and false-negative marks, against a float-by-float computation."""
+    g = torch.Generator().manual_seed(1)
+    a, p, n = (torch.randn(k, 6, generator=g) for k in (5, 5, 2))
+    t, m = 0.1, 0.05
+    ex = torch.zeros(5, 5, dtype=torch.bool)
+    ex[0, 2] = ex[3, 1] = ex[4, 4] = True  # asymmetric marks; the diagonal one is ignored
+    for kw in ({}, {"margin": m}, {"negatives": n}, {"exclude": ex}, {"negatives": n, "margin": m, "exclude": ex}):
+        hand = hand_gte(a, p, t, **{**kw, "negatives": list(kw.get("negatives", []))})
+        assert float(info_nce(a, p, t, partition="gte", **kw)) == pytest.approx(hand, rel=1e-5), kw
+    # more candidates than the paper's partition: a larger loss on the same embeddings, and another value
+    assert float(info_nce(a, p, t, partition="gte")) > float(info_nce(a, p, t)) + 0.1
+    # the same-type terms matter: anchors that are near copies of each other raise the loss
+    twins = a.clone()
+    twins[1] = a[0] + 1e-3
+    assert float(info_nce(twins, p, t, partition="gte")) > float(info_nce(a, p, t, partition="gte"))
+    assert float(info_nce(twins, p, t, partition="gte")) == pytest.approx(hand_gte(twins, p, t), rel=1e-5)
+    # every other pair excluded: only the two copies of the positive remain, log 2
+    assert float(info_nce(a, p, t, partition="gte", exclude=~torch.eye(5, dtype=torch.bool))) == pytest.approx(
+        math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="partition='gte' already holds the positives -> anchors direction"):
+        info_nce(a, p, t, partition="gte", symmetric=True)
+    with pytest.raises(ValueError, match="partition='all': use 'positives' or 'gte'"):
+        info_nce(a, p, t, partition="all")
+
+
+def test_the_trainer_takes_the_gte_partition_through_gradcache(backbone, pairs):
+    """train.partition=gte reaches the loss: GradCache in chunks gives the one-pass loss and gradients, the
+    loss is the hand-checked function of the batch's embeddings, and results record the 4N - 2 candidates."""
+    full = make(backbone, pairs, batch_size=8, chunk_size=8, partition="gte")
+    cached = make(backbone, pairs, batch_size=8, chunk_size=3, partition="gte")
+    plain = make(backbone, pairs, batch_size=8, chunk_size=8)
+    same_lora_weights(full, cached, plain)
+    batch = list(range(8))
+    with torch.no_grad():
+        a, p, _ = full.embed_pairs(batch)
+    want = float(info_nce(a, p, full.cfg.temperature, partition="gte", exclude=full._exclude(batch)))
+    l1, l2 = full.accumulate_gradients(batch), cached.accumulate_gradients(batch)
+    assert l1 == pytest.approx(want, rel=1e-4) and l1 == pytest.approx(l2, rel=1e-5)
+    assert_grads_close(lora_grads(cached), lora_grads(full))
+    assert abs(plain.accumulate_gradients(batch) - l1) > 1e-3
+    assert make(backbone, pairs, batch_size=8, chunk_size=8, max_steps=1, partition="gte").fit()[
+        "negatives_per_loss"] == 30
+
+
 def same_lora_weights(*trainers, seed=7):
     """Non-zero lora_B (so LoRA dropout and every LoRA matrix matter), the same weights in every trainer."""
     g = torch.Generator().manual_seed(seed)
@@ -244,6 +314,11 @@ def test_bad_training_input_is_named(backbone, pairs, tmp_path):
     assert TrainConfig(packing=False).packing == "false"  # YAML's bare false
     with pytest.raises(EmbedkitError, match="train.attention='flash': use auto, math or fused"):
         TrainConfig(attention="flash")
+    with pytest.raises(EmbedkitError, match="train.partition='all': use 'positives'"):
+        TrainConfig(partition="all")
+    with pytest.raises(EmbedkitError, match="train.partition=gte already holds .* set train.symmetric=false"):
+        TrainConfig(partition="gte", symmetric=True)
+    assert TrainConfig(partition="gte").fingerprint() != TrainConfig().fingerprint()
     nan = make(backbone, pairs, tmp_path, lr=1e30, batch_size=8, chunk_size=8, max_steps=4, save_every=1)
     with pytest.raises(EmbedkitError, match="the loss became nan"):
         nan.fit()

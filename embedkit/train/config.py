@@ -17,7 +17,8 @@ from embedkit.errors import EmbedkitError
 
 # settings that change where or how often checkpoints are written, or when a run stops, not what one step does
 # (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
-_HASHED_IF_SET = {"fit_budget": False, "lora_depth": 1.0, "attention": "auto", "packing": "false"}  # fields added later: hashed only when set, so earlier keys still hold
+_HASHED_IF_SET = {"fit_budget": False, "lora_depth": 1.0, "attention": "auto", "packing": "false",
+                  "partition": "positives"}  # fields added later: hashed only when set, so earlier keys still hold
 _NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes", "push_to_hub")
 
 
@@ -45,8 +46,12 @@ class TrainConfig:
     temperature: float = 0.2
     symmetric: bool = False
     margin: float = 0.0
+    partition: str = "positives"
     """InfoNCE over cosine similarities (``embedkit.train.losses.info_nce``): temperature, whether the
-    positives -> anchors direction is averaged in, and an additive margin on the positive."""
+    positives -> anchors direction is averaged in, an additive margin on the positive, and the softmax's
+    candidates: ``positives`` (the paper: the batch's positives and hard negatives) or ``gte`` (GTE's improved
+    contrastive loss, Li et al. 2023: also the other anchors, anchors -> the positive and the other positives,
+    about 4x the negatives from the same encodings)."""
 
     batch_size: int = 120
     chunk_size: int = 12
@@ -108,6 +113,11 @@ class TrainConfig:
              f"train.max_minutes={self.max_minutes} must be > 0 (null: no time budget)"),
             (not self.fit_budget or self.max_minutes is not None,
              "train.fit_budget=true fits the schedule to train.max_minutes: set train.max_minutes too"),
+            (self.partition in ("positives", "gte"),
+             f"train.partition={self.partition!r}: use 'positives' (the batch's positives) or 'gte' (GTE's "
+             "improved contrastive loss)"),
+            (not (self.partition == "gte" and self.symmetric),
+             "train.partition=gte already holds the positives -> anchors direction: set train.symmetric=false"),
             (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
             (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
             (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),

@@ -59,6 +59,12 @@ FIT_PROBE_STEPS = 5  # train.fit_budget times this many steps (the first not cou
 __all__ = ["Trainer"]
 
 
+def _candidates(n: int, partition: str) -> int:
+    """The softmax's candidates per anchor for ``n`` pairs in one loss: the n positives, or with GTE's
+    partition also the n - 1 other anchors, the n anchors against the positive and the n - 1 other positives."""
+    return n if partition == "positives" else 4 * n - 2
+
+
 class Trainer:
     """Fine-tunes a LoRA adapter on a copy of ``backbone`` with InfoNCE over in-batch negatives.
 
@@ -172,7 +178,8 @@ class Trainer:
                 "first_loss": self.history[0]["train/loss"] if self.history else None,
                 "wall_s": round(wall, 2), "pairs_per_s": round(pairs_seen / wall, 2) if wall else None,
                 "peak_memory_gib": self.peak_memory_gib(), "negatives": cfg.negatives,
-                "negatives_per_loss": (cfg.batch_size if cfg.negatives == "full" else cfg.chunk_size),
+                "negatives_per_loss": _candidates(cfg.batch_size if cfg.negatives == "full" else cfg.chunk_size,
+                                                  cfg.partition),
                 "false_negatives_masked": self.false_negatives, "world_size": self.world,
                 "autocast": str(self.dtype).removeprefix("torch.") if self.dtype else "fp32",
                 "pairs": self.pairs.describe()}
@@ -289,7 +296,7 @@ class Trainer:
         """InfoNCE over the embeddings of every rank (all-gathered in rank order)."""
         c, gather = self.cfg, all_gather_with_grad
         return info_nce(gather(a), gather(p), c.temperature, negatives=None if n is None else gather(n),
-                        symmetric=c.symmetric, margin=c.margin, exclude=exclude)
+                        symmetric=c.symmetric, margin=c.margin, exclude=exclude, partition=c.partition)
 
     def _exclude(self, idx: list[int]) -> torch.Tensor | None:
         """Off-diagonal pairs with the same anchor or positive text: false negatives, masked out."""
