@@ -76,6 +76,11 @@ def test_the_card_states_the_runs_numbers_in_sentence_transformers_layout(st):
     assert "```bash\nembedkit train=lora seed=3\n```" in body  # this job's overrides reproduce it
     assert "Launched as: `embedkit -m train=lora seed=3,4`" in body
     assert "git commit `0123abc`" in body and "- torch: 2.13.0" in body
+    assert '"partition"' not in body and '"hardness"' not in body  # the paper's loss: the defaults unnamed
+    gte = {**RESULTS, "config": {**RESULTS["config"], "train": {**RESULTS["config"]["train"], "partition": "gte",
+                                                                 "hardness": 9.0}}}
+    _, body = split_card(render_model_card(st, INFO, gte, command, "me/smol-embedder"))
+    assert '"partition": "gte"' in body and '"hardness": 9.0' in body
 
 
 def test_a_card_outside_a_run_describes_the_model_only(st, tmp_path):

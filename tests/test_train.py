@@ -103,10 +103,11 @@ def test_info_nce_matches_a_hand_computation():
         hand_info_nce(a, p, t, n, exclude=everything), rel=1e-5)
 
 
-def hand_gte(a, p, t, negatives=(), margin=0.0, exclude=None):
+def hand_gte(a, p, t, negatives=(), margin=0.0, exclude=None, hardness=0.0):
     """GTE's improved contrastive loss in python floats: for anchor i one softmax over a_i -> every positive
     and hard negative, a_i -> the other anchors, every anchor -> p_i (the positive again) and p_i -> the other
-    positives; a mark ``exclude[i][j]`` drops p_j for a_i and a_i for p_j, and both same-type pairs."""
+    positives; a mark ``exclude[i][j]`` drops p_j for a_i and a_i for p_j, and both same-type pairs;
+    ``hardness`` adds alpha x cos to the logits of a_i's negatives p_j and hard negatives."""
     cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
     marked = lambda i, j: exclude is not None and bool(exclude[i][j])  # noqa: E731
     total, n = 0.0, len(a)
@@ -117,14 +118,49 @@ def hand_gte(a, p, t, negatives=(), margin=0.0, exclude=None):
             if j == i:
                 continue
             if not marked(i, j):
-                logits.append(cos(a[i], p[j]) / t)
+                logits.append(cos(a[i], p[j]) / t + hardness * cos(a[i], p[j]))
             if not marked(j, i):
                 logits.append(cos(a[j], p[i]) / t)
             if not (marked(i, j) or marked(j, i)):
                 logits += [cos(a[i], a[j]) / t, cos(p[i], p[j]) / t]
-        logits += [cos(a[i], x) / t for x in negatives]
+        logits += [cos(a[i], x) / t + hardness * cos(a[i], x) for x in negatives]
         total += -(pos - math.log(sum(math.exp(x) for x in logits)))
     return total / n
+
+
+def test_hardness_weighting_matches_a_hand_computation_and_stops_its_gradient():
+    """train.hardness (LLaVE): alpha x cos(a_i, c_j), without gradient, added to each negative's logit."""
+    g = torch.Generator().manual_seed(2)
+    a, p, n = (torch.randn(k, 6, generator=g) for k in (4, 4, 2))
+    t, alpha, m = 0.05, 9.0, 0.05
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    ex = torch.zeros(4, 4, dtype=torch.bool)
+    ex[1, 2] = True
+    want = 0.0
+    for i in range(4):
+        pos = (cos(a[i], p[i]) - m) / t
+        logits = [pos] + [cos(a[i], c) / t + alpha * cos(a[i], c)
+                          for j, c in enumerate(list(p) + list(n)) if j != i and not (i == 1 and j == 2)]
+        want += -(pos - math.log(sum(math.exp(x) for x in logits))) / 4
+    assert float(info_nce(a, p, t, negatives=n, margin=m, exclude=ex, hardness=alpha)) == pytest.approx(want, rel=1e-5)
+    assert want > float(info_nce(a, p, t, negatives=n, margin=m, exclude=ex)) + 0.1  # it changes the loss
+    gte = float(info_nce(a, p, t, negatives=n, margin=m, exclude=ex, hardness=alpha, partition="gte"))
+    assert gte == pytest.approx(hand_gte(a, p, t, list(n), m, ex, hardness=alpha), rel=1e-5)
+    # the weight carries no gradient: d loss / d a equals that of the unweighted loss with the weighted logits
+    # held as constants, which differs from letting the gradient through alpha * cos
+    x = a.clone().requires_grad_(True)
+    info_nce(x, p, t, hardness=alpha).backward()
+    y = a.clone().requires_grad_(True)
+    xn, pn = torch.nn.functional.normalize(y, dim=-1), torch.nn.functional.normalize(p, dim=-1)
+    sim = xn @ pn.T
+    off = ~torch.eye(4, dtype=torch.bool)
+    through = sim / t + alpha * sim * off  # the weight with its gradient
+    torch.nn.functional.cross_entropy(through, torch.arange(4)).backward()
+    z = a.clone().requires_grad_(True)
+    zs = torch.nn.functional.normalize(z, dim=-1) @ pn.T
+    torch.nn.functional.cross_entropy(zs / t + alpha * (zs * off).detach(), torch.arange(4)).backward()
+    torch.testing.assert_close(x.grad, z.grad)
+    assert not torch.allclose(x.grad, y.grad, atol=1e-4)
 
 
 def test_the_gte_partition_matches_a_hand_computation():
@@ -318,6 +354,8 @@ def test_bad_training_input_is_named(backbone, pairs, tmp_path):
         TrainConfig(partition="all")
     with pytest.raises(EmbedkitError, match="train.partition=gte already holds .* set train.symmetric=false"):
         TrainConfig(partition="gte", symmetric=True)
+    with pytest.raises(EmbedkitError, match="train.hardness=-1 must be >= 0"):
+        TrainConfig(hardness=-1)
     assert TrainConfig(partition="gte").fingerprint() != TrainConfig().fingerprint()
     nan = make(backbone, pairs, tmp_path, lr=1e30, batch_size=8, chunk_size=8, max_steps=4, save_every=1)
     with pytest.raises(EmbedkitError, match="the loss became nan"):

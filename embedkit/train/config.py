@@ -17,8 +17,9 @@ from embedkit.errors import EmbedkitError
 
 # settings that change where or how often checkpoints are written, or when a run stops, not what one step does
 # (a run stopped by its time budget resumes from the same checkpoints with another budget or none)
+# fields added later: hashed only when set, so earlier keys still hold
 _HASHED_IF_SET = {"fit_budget": False, "lora_depth": 1.0, "attention": "auto", "packing": "false",
-                  "partition": "positives"}  # fields added later: hashed only when set, so earlier keys still hold
+                  "partition": "positives", "hardness": 0.0}
 _NOT_HASHED = ("resume", "save_every", "keep_checkpoints", "export", "max_minutes", "push_to_hub")
 
 
@@ -47,11 +48,13 @@ class TrainConfig:
     symmetric: bool = False
     margin: float = 0.0
     partition: str = "positives"
+    hardness: float = 0.0
     """InfoNCE over cosine similarities (``embedkit.train.losses.info_nce``): temperature, whether the
     positives -> anchors direction is averaged in, an additive margin on the positive, and the softmax's
     candidates: ``positives`` (the paper: the batch's positives and hard negatives) or ``gte`` (GTE's improved
     contrastive loss, Li et al. 2023: also the other anchors, anchors -> the positive and the other positives,
-    about 4x the negatives from the same encodings)."""
+    about 4x the negatives from the same encodings), and LLaVE's hardness weighting (Lan et al. 2025; 0: off):
+    a negative's logit gains ``hardness`` x its (gradient-free) similarity, so near negatives count more."""
 
     batch_size: int = 120
     chunk_size: int = 12
@@ -118,6 +121,7 @@ class TrainConfig:
              "improved contrastive loss)"),
             (not (self.partition == "gte" and self.symmetric),
              "train.partition=gte already holds the positives -> anchors direction: set train.symmetric=false"),
+            (self.hardness >= 0, f"train.hardness={self.hardness} must be >= 0 (0: off; LLaVE uses 9)"),
             (self.temperature > 0, f"train.temperature={self.temperature} must be > 0"),
             (self.r >= 1, f"train.r={self.r} (LoRA rank) must be >= 1"),
             (self.alpha > 0, f"train.alpha={self.alpha} must be > 0"),

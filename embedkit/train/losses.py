@@ -22,6 +22,11 @@ pairs gives about 4N candidates from the same N encodings, at no extra forward p
 and the same-type terms where either of ``exclude[i, j]``, ``exclude[j, i]`` is set). It already contains the
 positives -> anchors direction, so ``symmetric`` does not combine with it.
 
+``hardness`` (alpha, default 0) is the hardness weighting of LLaVE (Lan et al. 2025, arXiv 2503.04812; in
+sentence-transformers ``hardness_strength``): each negative a_i -> c_j is weighted by exp(alpha * s(a_i, c_j))
+with the similarity held constant (no gradient through the weight), i.e. alpha * sg(s) is added to its logit
+after the temperature, so near negatives count more; it applies to the anchors -> candidates term only.
+
 Relation to the other pieces: GradCache (``embedkit.train.gradcache``) calls this on embeddings computed without a
 graph and back-propagates its gradient chunk by chunk, so the loss sees all N-way negatives; plain
 gradient accumulation calls it per micro-batch (the paper's 12-way setting).
@@ -42,11 +47,13 @@ def info_nce(
     margin: float = 0.0,
     exclude: torch.Tensor | None = None,
     partition: str = "positives",
+    hardness: float = 0.0,
 ) -> torch.Tensor:
     """The InfoNCE loss (a scalar tensor, mean over the N anchors) of anchors ``a`` [N, D] against the
     positives ``p`` [N, D] and the optional hard ``negatives`` [M, D], as in the module doc; ``exclude``
     [N, N] bool marks candidates p_j that are not negatives of a_i (its diagonal is ignored); ``partition``
-    is ``positives`` (the candidates are the positives and hard negatives) or ``gte`` (module doc)."""
+    is ``positives`` (the candidates are the positives and hard negatives) or ``gte``; ``hardness`` weights
+    the near negatives more (both in the module doc)."""
     if partition not in ("positives", "gte"):
         raise ValueError(f"partition={partition!r}: use 'positives' or 'gte'")
     if partition == "gte" and symmetric:
@@ -62,17 +69,19 @@ def info_nce(
         mask[:, :n] = exclude & ~eye[:, :n]
         sim = sim.masked_fill(mask, float("-inf"))
     target = torch.arange(n, device=sim.device)
+    forward = sim / temperature
+    if hardness:
+        forward = forward + hardness * sim.detach().masked_fill(eye, 0.0)
     if partition == "gte":
         diag = eye[:, :n]
         marks = torch.zeros_like(diag) if exclude is None else exclude & ~diag
         same_type = diag | marks | marks.T  # a_i with itself and its false negatives
-        blocks = [sim,
-                  (a @ a.T).masked_fill(same_type, float("-inf")),
+        blocks = [(a @ a.T).masked_fill(same_type, float("-inf")),
                   ((p @ a.T) - margin * diag).masked_fill(marks.T, float("-inf")),  # row i: a_j -> p_i
                   (p @ p.T).masked_fill(same_type, float("-inf"))]
-        logits = torch.cat(blocks, dim=1) / temperature
-        return (torch.logsumexp(logits, dim=1) - sim.diagonal() / temperature).mean()
-    loss = F.cross_entropy(sim / temperature, target)
+        logits = torch.cat([forward, torch.cat(blocks, dim=1) / temperature], dim=1)
+        return (torch.logsumexp(logits, dim=1) - forward.diagonal()).mean()
+    loss = F.cross_entropy(forward, target)
     if symmetric:
         back = (p @ a.T) - margin * torch.eye(n, dtype=sim.dtype, device=sim.device)
         if exclude is not None:

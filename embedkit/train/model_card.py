@@ -184,8 +184,8 @@ def _training(results: dict, st_card: dict, command: dict | None) -> str:
         tc, pairs = config.get("train", {}), train.get("pairs", {})
         columns = "anchor, positive and negative" if pairs.get("hard_negatives") else "anchor and positive"
         aug = {k: v for k, v in (config.get("augmentation") or {}).items() if k != "_target_"}
-        loss = {k: tc.get(k) for k in ("temperature", "symmetric", "margin", "mask_false_negatives", "partition")
-                if k != "partition" or tc.get(k) not in (None, "positives")}
+        loss = {k: tc.get(k) for k in ("temperature", "symmetric", "margin", "mask_false_negatives")}
+        loss.update({k: tc[k] for k, off in (("partition", "positives"), ("hardness", 0)) if tc.get(k, off) != off})
         loss.update(negatives=train.get("negatives"), negatives_per_loss=train.get("negatives_per_loss"))
         lines += ["### Training Dataset\n", f"#### {pairs.get('name', '?')}\n",
                   f"* Source: `{pairs.get('source') or (config.get('pairs') or {}).get('path', '?')}`",

@@ -296,7 +296,8 @@ class Trainer:
         """InfoNCE over the embeddings of every rank (all-gathered in rank order)."""
         c, gather = self.cfg, all_gather_with_grad
         return info_nce(gather(a), gather(p), c.temperature, negatives=None if n is None else gather(n),
-                        symmetric=c.symmetric, margin=c.margin, exclude=exclude, partition=c.partition)
+                        symmetric=c.symmetric, margin=c.margin, exclude=exclude, partition=c.partition,
+                        hardness=c.hardness)
 
     def _exclude(self, idx: list[int]) -> torch.Tensor | None:
         """Off-diagonal pairs with the same anchor or positive text: false negatives, masked out."""
