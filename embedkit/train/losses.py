@@ -68,7 +68,6 @@ def info_nce(
         mask = torch.zeros_like(eye)
         mask[:, :n] = exclude & ~eye[:, :n]
         sim = sim.masked_fill(mask, float("-inf"))
-    target = torch.arange(n, device=sim.device)
     forward = sim / temperature
     if hardness:
         forward = forward + hardness * sim.detach().masked_fill(eye, 0.0)
@@ -81,6 +80,7 @@ def info_nce(
                   (p @ p.T).masked_fill(same_type, float("-inf"))]
         logits = torch.cat([forward, torch.cat(blocks, dim=1) / temperature], dim=1)
         return (torch.logsumexp(logits, dim=1) - forward.diagonal()).mean()
+    target = torch.arange(n, device=sim.device)
     loss = F.cross_entropy(forward, target)
     if symmetric:
         back = (p @ a.T) - margin * torch.eye(n, dtype=sim.dtype, device=sim.device)

@@ -21,11 +21,15 @@ import json
 import re
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
+
+from embedkit.train.config import TrainConfig
 
 __all__ = ["hub_model_id", "render_model_card", "run_command"]
 
 _PLACEHOLDER_ID = "sentence_transformers_model_id"  # what sentence-transformers' usage snippet loads
+_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # loss settings named only when not these
 
 
 def hub_model_id(source: str | None) -> str | None:
@@ -185,7 +189,7 @@ def _training(results: dict, st_card: dict, command: dict | None) -> str:
         columns = "anchor, positive and negative" if pairs.get("hard_negatives") else "anchor and positive"
         aug = {k: v for k, v in (config.get("augmentation") or {}).items() if k != "_target_"}
         loss = {k: tc.get(k) for k in ("temperature", "symmetric", "margin", "mask_false_negatives")}
-        loss.update({k: tc[k] for k, off in (("partition", "positives"), ("hardness", 0)) if tc.get(k, off) != off})
+        loss.update({k: tc[k] for k in ("partition", "hardness") if tc.get(k, _TRAIN_DEFAULTS[k]) != _TRAIN_DEFAULTS[k]})
         loss.update(negatives=train.get("negatives"), negatives_per_loss=train.get("negatives_per_loss"))
         lines += ["### Training Dataset\n", f"#### {pairs.get('name', '?')}\n",
                   f"* Source: `{pairs.get('source') or (config.get('pairs') or {}).get('path', '?')}`",
